@@ -1,0 +1,176 @@
+"""`LoraConfig`: what to adapt and how, validated on creation, convertible to and from PEFT's adapter_config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "lora_only", "all")
+INIT_MODES = ("kaiming", "gaussian")
+
+# Used when target_modules is None: the attention projections PEFT also picks for these families.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+}
+
+
+@dataclass
+class LoraConfig:
+    """One adapter's hyper-parameters. Names follow the paper (r, alpha) and PEFT's config keys."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None  # suffixes, a regex, or "all-linear"
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    rslora: bool = False
+    bias: str = "none"
+    init: str = "kaiming"
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("r", self.r)
+        for key, value in self.rank_pattern.items():
+            _check_positive_int(f"rank_pattern[{key!r}]", value)
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init not in INIT_MODES:
+            raise ConfigError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        self.target_modules = _normalise_names("target_modules", self.target_modules)
+        self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("target_modules is an empty list: name at least one module, e.g. ['q_proj', 'v_proj']")
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None:
+            self.layers_to_transform = [int(i) for i in self.layers_to_transform]
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.task_type == "SEQ_CLS":  # as PEFT does: a new classification head must be trained in full
+            self.modules_to_save = list(dict.fromkeys((self.modules_to_save or []) + ["classifier", "score"]))
+
+    def rank_for(self, module_name: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module_name, self.r))
+
+    def alpha_for(self, module_name: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    def scale_for(self, module_name: str) -> float:
+        """alpha/r, or alpha/sqrt(r) with rsLoRA (which keeps the update's size stable as r grows)."""
+        r = self.rank_for(module_name)
+        return self.alpha_for(module_name) / (r**0.5 if self.rslora else r)
+
+    # PEFT's adapter_config.json ---------------------------------------------------------------
+
+    def to_peft_dict(self, target_modules: list[str] | str | None = None) -> dict[str, Any]:
+        """The fields PEFT's `LoraConfig` reads; `target_modules` may be replaced by the resolved list."""
+        targets = self.target_modules if target_modules is None else target_modules
+        return {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "exclude_modules": self.exclude_modules,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "modules_to_save": self.modules_to_save,
+            "use_rslora": self.rslora,
+            "use_dora": False,
+            "bias": self.bias,
+            "fan_in_fan_out": False,
+            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "inference_mode": True,
+            "revision": None,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        """Build from an adapter_config.json written by PEFT or by lorakit; refuse what we cannot honour."""
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ConfigError(f"peft_type is {d.get('peft_type')!r}; lorakit loads LoRA adapters (peft_type 'LORA') only")
+        for flag in ("use_dora", "use_qalora"):
+            if d.get(flag):
+                raise ConfigError(f"this adapter uses {flag}=true, which lorakit does not support yet")
+        if d.get("lora_bias"):
+            raise ConfigError("this adapter uses lora_bias=true (a bias on lora_B), which lorakit does not support yet")
+        init = d.get("init_lora_weights", True)
+        return cls(
+            r=int(d.get("r", 8)),
+            alpha=d.get("lora_alpha", 8),
+            dropout=float(d.get("lora_dropout") or 0.0),
+            target_modules=d.get("target_modules"),
+            exclude_modules=d.get("exclude_modules"),
+            layers_to_transform=d.get("layers_to_transform"),
+            layers_pattern=d.get("layers_pattern"),
+            rank_pattern=dict(d.get("rank_pattern") or {}),
+            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+            modules_to_save=d.get("modules_to_save"),
+            rslora=bool(d.get("use_rslora", False)),
+            bias=d.get("bias") or "none",
+            init="gaussian" if init == "gaussian" else "kaiming",
+            task_type=d.get("task_type"),
+            base_model_name_or_path=d.get("base_model_name_or_path"),
+        )
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _normalise_names(field_name: str, value: Any) -> list[str] | str | None:
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and value != ALL_LINEAR:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ConfigError(f"{field_name}={value!r} is not a valid regular expression: {e}") from None
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        names = list(value)
+        if not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"{field_name} must hold non-empty strings, got {value!r}")
+        return sorted(set(names)) if isinstance(value, (set, frozenset)) else names
+    raise ConfigError(f"{field_name} must be a list of module names, a regex string or 'all-linear', got {value!r}")
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key matches a module whose full name ends with it (at a dot boundary)."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module_name):
+            return value
+    return default

@@ -1,0 +1,98 @@
+"""Look inside an adapter directory: rank, α, targets, sizes, and how much of its rank each layer really uses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .io import CONFIG_NAME, WEIGHTS_NAME, _LORA_KEY, _strip_prefix, read_adapter_config, read_adapter_tensors
+
+
+@dataclass
+class LayerReport:
+    module: str
+    rank: int
+    effective_rank: int  # singular values needed to hold 90% of the update's energy
+    norm: float
+
+
+@dataclass
+class AdapterReport:
+    path: str
+    r: int
+    alpha: float
+    scale: float
+    rslora: bool
+    target_modules: list[str] | str
+    task_type: str | None
+    base_model: str | None
+    num_parameters: int
+    file_bytes: int
+    dtypes: list[str]
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [
+            f"adapter        {self.path}",
+            f"base model     {self.base_model or 'unknown'}",
+            f"task           {self.task_type or 'unknown'}",
+            f"rank r         {self.r}",
+            f"alpha          {self.alpha:g}  (scale {self.scale:g}{', rsLoRA' if self.rslora else ''})",
+            f"targets        {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}",
+            f"layers         {len(self.layers)}",
+            f"parameters     {self.num_parameters:,}",
+            f"file size      {_human(self.file_bytes)}  ({', '.join(self.dtypes)})",
+        ]
+        if self.layers:
+            used = [lr.effective_rank for lr in self.layers]
+            lines.append(f"effective rank {min(used)}-{max(used)} of r (90% of singular-value energy), mean {sum(used)/len(used):.1f}")
+        return "\n".join(lines)
+
+
+def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterReport:
+    path = Path(path)
+    config = read_adapter_config(path)
+    tensors = _strip_prefix(read_adapter_tensors(path))
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            factors.setdefault(m.group("module"), {})[m.group("factor")[-1]] = value
+    layers = []
+    if per_layer:
+        for module, ab in sorted(factors.items()):
+            if "A" in ab and "B" in ab:
+                delta = ab["B"].float().flatten(1) @ ab["A"].float().flatten(1)
+                layers.append(_layer_report(module, delta, ab["A"].shape[0]))
+    return AdapterReport(
+        path=str(path), r=config.r, alpha=config.alpha, scale=config.scale_for(""), rslora=config.rslora,
+        target_modules=config.target_modules, task_type=config.task_type, base_model=config.base_model_name_or_path,
+        num_parameters=sum(t.numel() for t in tensors.values()),
+        file_bytes=(path / WEIGHTS_NAME).stat().st_size + (path / CONFIG_NAME).stat().st_size,
+        dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}), layers=layers,
+    )
+
+
+def effective_rank(delta: torch.Tensor, energy: float = 0.9) -> int:
+    """How many singular values hold `energy` of the squared Frobenius norm (0 for an all-zero update)."""
+    s = torch.linalg.svdvals(delta.float())
+    total = (s**2).sum()
+    if total == 0:
+        return 0
+    cum = torch.cumsum(s**2, 0) / total
+    return int((cum < energy).sum().item()) + 1
+
+
+def _layer_report(module: str, delta: torch.Tensor, rank: int) -> LayerReport:
+    return LayerReport(module, rank, effective_rank(delta), float(delta.norm()))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

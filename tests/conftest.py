@@ -1,0 +1,100 @@
+"""Tiny config-built models (2 layers, hidden 64) saved and reloaded through the real from_pretrained path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Two cores shared with other work: one intra-op thread avoids OpenMP wake-up stalls of ~15 ms per op.
+torch.set_num_threads(1)
+
+VOCAB = 128
+
+
+def llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+
+
+def gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0)
+
+
+def bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      vocab_size=VOCAB, max_position_embeddings=64, num_labels=2)
+
+
+def _save(tmp_path_factory, name, build):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(name)
+    build().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    return _save(tmp_path_factory, "llama", lambda: LlamaForCausalLM(llama_config()))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    from transformers import GPT2LMHeadModel
+
+    return _save(tmp_path_factory, "gpt2", lambda: GPT2LMHeadModel(gpt2_config()))
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    from transformers import BertForSequenceClassification
+
+    return _save(tmp_path_factory, "bert", lambda: BertForSequenceClassification(bert_config()))
+
+
+def load(path, kind="causal"):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    return auto.from_pretrained(path, local_files_only=True).eval()
+
+
+@pytest.fixture
+def llama(llama_dir):
+    return load(llama_dir)
+
+
+@pytest.fixture
+def gpt2(gpt2_dir):
+    return load(gpt2_dir)
+
+
+@pytest.fixture
+def bert(bert_dir):
+    return load(bert_dir, "cls")
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (2, 12), generator=g)
+
+
+def randomise_lora(model, std=0.2, seed=0):
+    """Give every B a non-zero value so adapters change the output (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
