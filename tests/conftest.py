@@ -98,3 +98,41 @@ def randomise_lora(model, std=0.2, seed=0):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (101 symbols) built offline, saved like any Hugging Face tokenizer."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory):
+    """A tiny Llama with a tokenizer in one directory, as `lorakit train --base` expects."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config()
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    path = _save(tmp_path_factory, "lm", lambda: LlamaForCausalLM(config))
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cls_dir(tmp_path_factory):
+    from transformers import BertForSequenceClassification
+
+    path = _save(tmp_path_factory, "cls", lambda: BertForSequenceClassification(bert_config()))
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -122,6 +122,9 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "d
 
         set_active(model, adapter)
     mark_trainable(model, adapter)
+    from .serve.mixed import install_adapter_names  # model(ids, adapter_names=[...]): one adapter per row
+
+    install_adapter_names(model)
     return model
 
 

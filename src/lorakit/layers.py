@@ -7,6 +7,7 @@ B starts at zero, so an adapted model computes exactly what the base computes un
 
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,11 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
     Conv1D = ()
 
 SUPPORTED_TYPES = (nn.Linear, nn.Embedding, nn.Conv2d) + ((Conv1D,) if Conv1D else ())
+
+# Set by lorakit.serve.mixed.adapter_rows: which adapter each row of the batch runs. Every LoRA layer
+# called in that context (thread or asyncio task) follows it instead of its active adapters; a context
+# variable, not a layer attribute, so threads can run different row plans on one model at once.
+MIXED_ROWS: contextvars.ContextVar = contextvars.ContextVar("lorakit_mixed_rows", default=None)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -154,7 +160,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         # merge() keeps the untouched weight here so unmerge() is bit-exact (subtracting drifts).
         self.original_weight: torch.Tensor | None = None
-        self.mixed_batch = None  # set by lorakit.serve for per-row adapters (see serve/mixed.py)
+        self.mixed_stack = None  # this layer's adapters stacked for per-row batches (cache of serve/mixed.py)
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `module.weight` (tying, HF helpers) still works
@@ -170,8 +176,9 @@ class LoraLayer(nn.Module):
         return adapter
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.mixed_batch is not None:
-            return self.mixed_batch(self, x)
+        rows = MIXED_ROWS.get()
+        if rows is not None:
+            return rows.forward(self, x)
         pending = self._pending_adapters()
         if not pending:
             return self.base_layer(x, *args, **kwargs)

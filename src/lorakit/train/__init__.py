@@ -1,0 +1,1 @@
+"""Training: data, loop, checkpoints, diagnostics and plots for `lorakit train`."""

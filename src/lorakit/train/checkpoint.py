@@ -1,0 +1,137 @@
+"""Checkpoints that lose nothing: adapter + optimizer + scheduler + RNG + data position, written atomically.
+
+Layout:  OUT/checkpoints/step-000040/{adapter_config.json, adapter_model.safetensors, optimizer.pt,
+         scheduler.pt, rng.pt, state.json}. A step directory appears only when complete (temp dir + rename),
+so a run killed at any instant resumes from the newest directory there.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import LorakitError
+from ..files import atomic_directory
+from ..io import _copy_checked, _strip_prefix, _LORA_KEY, read_adapter_tensors, save_adapter
+from ..inject import lora_layers, save_wrappers
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(LorakitError, ValueError):
+    """A checkpoint is missing, incomplete or does not fit the run."""
+
+
+@dataclass
+class Progress:
+    """Where the run is, and what it has seen so far (kept in state.json, plotted at the end)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    tokens: int = 0
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_metrics: list[dict[str, float]] = field(default_factory=list)
+    grad_norm: list[tuple[int, float]] = field(default_factory=list)
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    stopped_reason: str | None = None
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_version": torch.tensor(py_version),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": torch.tensor(np_state[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((int(state["python_version"]), tuple(int(x) for x in state["python"].tolist()), None))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, progress: Progress, keep: int) -> Path:
+    root = out / "checkpoints"
+    target = root / f"step-{progress.step:06d}"
+    with atomic_directory(target) as tmp:
+        save_adapter(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(progress), indent=1))
+    for old in list_checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path, model: nn.Module, adapter: str, optimizer, scheduler) -> Progress:
+    """Restore everything `save_checkpoint` wrote; weights only through safetensors / weights_only loads."""
+    needed = ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"]
+    missing = [n for n in needed if not (path / n).exists()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {missing}); delete it to resume from the one before")
+    load_adapter_weights(model, adapter, path)
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        raw = json.loads((path / "state.json").read_text())
+    except (RuntimeError, ValueError, KeyError, EOFError) as e:
+        raise CheckpointError(f"checkpoint {path} could not be restored ({e}); it may come from another run") from None
+    raw["train_loss"] = [tuple(x) for x in raw["train_loss"]]
+    raw["grad_norm"] = [tuple(x) for x in raw["grad_norm"]]
+    return Progress(**raw)
+
+
+def load_adapter_weights(model: nn.Module, adapter: str, path: Path) -> None:
+    """Copy a saved adapter's tensors into the already-injected adapter `adapter` (same config)."""
+    tensors = _strip_prefix(read_adapter_tensors(path))
+    layers = dict(lora_layers(model))
+    wrappers = dict(save_wrappers(model))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            m = _LORA_KEY.match(key)
+            if m:
+                layer = layers.get(m.group("module"))
+                if layer is None or adapter not in layer.adapters:
+                    raise CheckpointError(f"{path}: {key} does not match this run's adapter; was --targets changed?")
+                a = layer.adapters[adapter]
+                _copy_checked(a.lora_A if m.group("factor").endswith("A") else a.lora_B, value, key, path)
+                continue
+            owner = next((w for w in wrappers if key.startswith(w + ".")), None)
+            if owner is not None:
+                target = dict(wrappers[owner].modules_to_save[adapter].named_parameters()).get(key[len(owner) + 1:])
+            else:
+                target = params.get(key)
+            if target is None:
+                raise CheckpointError(f"{path}: {key} matches nothing in this run's model")
+            _copy_checked(target, value, key, path)

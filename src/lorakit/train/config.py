@@ -1,0 +1,122 @@
+"""`TrainConfig`: every `lorakit train` setting, from flags and/or a YAML/TOML/JSON file, validated on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+TASKS = ("causal-lm", "classify")
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    base: str | None = None  # None: the built-in pretrained model
+    data: str | None = None  # None: the bundled data set
+    task: str = "causal-lm"
+    out: str = "runs/lorakit"
+    # LoRA
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str | None = None
+    layers_to_transform: list[int] | None = None
+    rslora: bool = False
+    # optimisation
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lora_plus_ratio: float | None = None  # LoRA+: B learns at lr·ratio (the paper suggests 16)
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # data
+    max_length: int = 256
+    packing: bool = False
+    eval_fraction: float = 0.1
+    max_eval: int | None = 200
+    # bookkeeping
+    save_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    resume: bool = False
+    exact_match: bool = True  # causal-lm prompt/completion data: generate and compare on the eval split
+    compare_base: bool = False  # evaluate the base model before training too (the default demo does)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "rank", "max_length", "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("save_every", "eval_every", "warmup_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if self.lora_plus_ratio is not None and self.lora_plus_ratio <= 0:
+            raise ConfigError(f"lora_plus_ratio must be positive, got {self.lora_plus_ratio!r}")
+        if isinstance(self.targets, str) and "," in self.targets:
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a .yaml/.yml, .toml or .json file; keys are flag names (dashes or underscores)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: config files must end in .yaml, .yml, .toml or .json")
+    except ConfigError:
+        raise
+    except Exception as e:  # yaml/toml/json each raise their own error types
+        raise ConfigError(f"{path} could not be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known - {'extra'})}")
+    return data
+
+
+def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the file, then flags given on the command line (flags win)."""
+    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    return TrainConfig(**merged)
