@@ -1,6 +1,5 @@
 """`lorakit generate` (one adapter, or one per prompt) and the plain-words diagnostics."""
 
-
 import pytest
 import torch
 
