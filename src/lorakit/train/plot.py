@@ -20,9 +20,10 @@ def plot_losses(progress: Progress, path: Path, title: str = "lorakit train") ->
     if progress.train_loss:
         steps, losses = zip(*progress.train_loss)
         ax.plot(steps, losses, color="#9ecae1", linewidth=1, label="train loss")
-        k = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-        ax.plot(steps, smooth, color="#3182bd", linewidth=2, label=f"train loss (mean of {k})")
+        k = len(losses) // 20
+        if k > 1:  # a running mean shows the trend through per-batch noise
+            smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+            ax.plot(steps, smooth, color="#3182bd", linewidth=2, label=f"train loss (mean of {k})")
     evals = [(m["step"], m["eval_loss"]) for m in progress.eval_metrics if "eval_loss" in m]
     if evals:
         ax.plot(*zip(*evals), "o-", color="#e6550d", label="eval loss")

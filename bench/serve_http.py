@@ -1,0 +1,227 @@
+"""Server benchmark (issue 4): `lorakit serve` over loopback HTTP with N concurrent clients and mixed adapters.
+
+    python bench/serve_http.py               # Llama hidden 512, 8 layers; 1, 4, 16 clients (~3 min on 2 cores)
+    python bench/serve_http.py --quick       # a tiny model, to check the script runs (~30 s)
+
+The server runs in its own process (`python -m lorakit serve`), as a user would start it; each client
+thread sends completions one after another, cycling through the base and three adapters of ranks 8, 16
+and 32. Per level: generated tokens per second over the level's wall time, and each request's latency
+(send to last byte) at p50 and p99. Each level is bounded by a request count and a time limit. The table
+is printed and appended to docs/benchmarks.md under "Server (bench/serve_http.py)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+import lorakit  # noqa: E402
+
+HEADING = "## Server (bench/serve_http.py)"
+ADAPTER_RANKS = {"r8": 8, "r16": 16, "r32": 32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    p.add_argument("--requests", type=int, default=32, help="requests per level at most")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most (requests in flight finish)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server (0: torch's default)")
+    p.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    p.add_argument("--quick", action="store_true", help="a tiny model and few requests: checks the script, not the speed")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.vocab, args.requests, args.max_tokens = 64, 2, 500, 8, 8
+        args.clients = "1,4"
+    args.clients = [int(c) for c in args.clients.split(",")]
+    return args
+
+
+def build(root: Path, args) -> None:
+    """A config-built Llama with a word-level tokenizer, and one adapter per rank, all saved under `root`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
+                         num_attention_heads=max(4, args.hidden // 64), num_key_value_heads=max(2, args.hidden // 128),
+                         vocab_size=args.vocab, max_position_embeddings=args.prompt_tokens + args.max_tokens + 16,
+                         eos_token_id=None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, args.vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>").save_pretrained(root / "base")
+    for i, (name, rank) in enumerate(ADAPTER_RANKS.items()):
+        model = LlamaForCausalLM.from_pretrained(root / "base")
+        lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        lorakit.save_adapter(model, root / "adapters" / name)
+
+
+def start_server(root: Path, args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "lorakit", "serve", "--base", str(root / "base"), "--name", "base", "--port", str(port),
+           "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients) * 2),
+           "--adapters", *[f"{n}={root / 'adapters' / n}" for n in ADAPTER_RANKS]]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    log = root / "server.log"  # a file, not a pipe: a full pipe would stall the server's access log
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start within 120 s")
+
+
+def metric(client: httpx.Client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def run_level(url: str, clients: int, args) -> dict:
+    models = ["base", *ADAPTER_RANKS]
+    g = torch.Generator().manual_seed(clients)
+    bodies = [{"model": models[i % len(models)], "max_tokens": args.max_tokens, "temperature": 0,
+               "prompt": torch.randint(1, args.vocab, (args.prompt_tokens,), generator=g).tolist()}
+              for i in range(args.requests)]
+    latencies: list[float] = []
+    tokens, errors, issued = [0], [], [0]
+    lock = threading.Lock()
+    https = [httpx.Client(base_url=url, timeout=300) for _ in range(clients)]  # connections made before the clock
+    ready = threading.Barrier(clients + 1)
+
+    def client_loop(http: httpx.Client) -> None:
+        ready.wait()
+        while True:
+            with lock:
+                if issued[0] >= len(bodies) or time.perf_counter() - start > args.time_limit:
+                    return
+                body = bodies[issued[0]]
+                issued[0] += 1
+            t0 = time.perf_counter()
+            r = http.post("/v1/completions", json=body)
+            dt = time.perf_counter() - t0
+            with lock:
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+                    continue
+                latencies.append(dt)
+                tokens[0] += r.json()["usage"]["completion_tokens"]
+
+    with httpx.Client(base_url=url) as http:
+        for c in https:
+            c.get("/health")
+        steps0, rows0 = metric(http, "lorakit_decode_steps_total"), metric(http, "lorakit_decode_rows_total")
+        threads = [threading.Thread(target=client_loop, args=(c,)) for c in https]
+        for t in threads:
+            t.start()
+        start = time.perf_counter()
+        ready.wait()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        steps, rows = metric(http, "lorakit_decode_steps_total") - steps0, metric(http, "lorakit_decode_rows_total") - rows0
+    for c in https:
+        c.close()
+    if errors:
+        print(f"  {len(errors)} failed requests, e.g. {errors[0]}", file=sys.stderr)
+    lat = sorted(latencies)
+    return {"clients": clients, "requests": len(lat), "tokens": tokens[0], "wall": wall,
+            "tok_s": tokens[0] / wall, "p50": statistics.median(lat) if lat else float("nan"),
+            "p99": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] if lat else float("nan"),
+            "mean_batch": rows / steps if steps else 0.0, "errors": len(errors)}
+
+
+def table(results: list[dict], args) -> str:
+    lines = [
+        f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; adapters r=8/16/32 (all-linear) and the "
+        f"base in turn; prompt {args.prompt_tokens} tokens, {args.max_tokens} generated (greedy); max batch "
+        f"{args.max_batch}; server with {args.threads or 'default'} torch thread(s); clients in another process on the "
+        f"same machine; {platform.machine()}, {os.cpu_count()} CPUs (load average {args.load:.1f} from other work at the "
+        f"start), torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| clients | requests | tokens/s | p50 latency (s) | p99 latency (s) | mean decode batch | errors |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | "
+                     f"{r['mean_batch']:.2f} | {r['errors']} |")
+    return "\n".join(lines)
+
+
+def append_to_docs(text: str) -> Path:
+    path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+    path.parent.mkdir(exist_ok=True)
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    block = ("" if HEADING in existing else f"\n{HEADING}\n\n`python bench/serve_http.py`: throughput and latency of "
+             "`lorakit serve` under concurrent clients over loopback HTTP.\n") + f"\n{text}\n"
+    with path.open("a", encoding="utf-8") as f:
+        f.write(("\n" if existing and not existing.endswith("\n") else "") + block)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build(root, args)
+        proc, url = start_server(root, args)
+        try:
+            run_level(url, 1, argparse.Namespace(**{**vars(args), "requests": 2}))  # warm-up
+            results = []
+            for clients in args.clients:
+                r = run_level(url, clients, args)
+                print(f"{clients:3d} clients: {r['requests']} requests, {r['tok_s']:.1f} tok/s, p50 {r['p50']:.3f} s, "
+                      f"p99 {r['p99']:.3f} s, mean batch {r['mean_batch']:.2f}", flush=True)
+                results.append(r)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    text = table(results, args)
+    print("\n" + text)
+    if not args.no_write and not args.quick:
+        print(f"\nappended to {append_to_docs(text)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

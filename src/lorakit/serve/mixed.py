@@ -1,0 +1,287 @@
+"""Per-row adapters: one forward pass (or `generate`) in which each row of the batch runs its own adapter, or the base.
+
+Each LoRA layer keeps its adapters stacked into zero-padded tensors, slot 0 being the base (all zeros).
+A batch gathers every row's slot and adds `(x · A_row) · B_row` with two batched products (BGMV), so
+the cost does not grow with the number of distinct adapters in the batch and switching copies nothing.
+
+    with adapter_rows(model, ["chat", None, "code"]):      # or model(ids, adapter_names=[...])
+        logits = model(ids).logits                        # row 1 is the pure base
+
+Inference only: adapter dropout is not applied and no gradient reaches the adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AdapterNotFoundError, LorakitError, MergeStateError
+from ..inject import get_state, save_wrappers
+from ..layers import MIXED_ROWS, LoraAdapter, LoraLayer, layer_features
+
+RowNames = Sequence[str | None]
+
+
+class MixedBatchError(LorakitError, ValueError):
+    """A per-row adapter batch that cannot be computed: wrong number of names, or an unsupported layer."""
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, names: RowNames) -> Iterator[nn.Module]:
+    """Inside this block, row i of every batch that `model` computes runs adapter `names[i]` (None: the base).
+
+    Applies to the LoRA layers run in this thread (or asyncio task); a batch of k·len(names) rows
+    (generate's beams or return sequences) repeats each name k times in a row.
+    """
+    token = MIXED_ROWS.set(RowPlan(check_names(model, names)))
+    try:
+        yield model
+    finally:
+        MIXED_ROWS.reset(token)
+
+
+def check_names(model: nn.Module, names: RowNames) -> tuple[str | None, ...]:
+    """`names` as a tuple, after checking each is None or an adapter `model` holds and can run per row."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
+        raise MixedBatchError(f"adapter_names must be a non-empty list with one adapter name (or None) per row, got {names!r}")
+    state = get_state(model)
+    known = list(state.configs) if state else []
+    for i, name in enumerate(names):
+        if name is None:
+            continue
+        if not isinstance(name, str):
+            raise MixedBatchError(f"adapter_names[{i}] must be an adapter name or None, got {name!r}")
+        if name not in known:
+            raise AdapterNotFoundError(f"no adapter named {name!r} (row {i}); the model has: {known or 'none'}")
+    for name in dict.fromkeys(n for n in names if n is not None):
+        if state.configs[name].modules_to_save and any(name in w.modules_to_save for _, w in save_wrappers(model)):
+            raise MixedBatchError(
+                f"adapter {name!r} trains its own copy of {state.configs[name].modules_to_save}, which one shared "
+                "forward cannot switch per row; run its rows in their own batch with lorakit.set_active"
+            )
+    return tuple(names)
+
+
+# --- each layer's adapters, stacked -----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class AdapterStack:
+    """One layer's adapters as zero-padded tensors: slot 0 is the base, slot i the i-th adapter."""
+
+    items: tuple[tuple[str, LoraAdapter], ...]  # what it was built from (compared by identity)
+    slots: dict[str, int]
+    ranks: list[int]  # per slot; 0 for the base
+    fingerprints: list[tuple]  # per slot: what changes when that adapter's factors change
+    A: torch.Tensor  # (slots, in, r_max): Aᵀ, zero beyond each adapter's rank
+    B: torch.Tensor  # (slots, r_max, out): scale · Bᵀ
+
+
+def _fingerprint(adapter: LoraAdapter) -> tuple:
+    # Reads `_parameters` directly: nn.Module.__getattr__ is ~10x slower, and this runs per layer per batch.
+    A, B = adapter._parameters["lora_A"], adapter._parameters["lora_B"]
+    return (id(A), id(B), _version(A), _version(B), A.data_ptr(), B.data_ptr(), adapter.scale)
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # in-place writes (load, training step) bump it
+
+
+def layer_stack(layer: LoraLayer, used: set[str] | None = None) -> AdapterStack | None:
+    """`layer`'s cached stack, rebuilt when its adapters were added or deleted, or when one of the adapters
+    in `used` (all if None) was changed in place since it was built. None when the layer holds no adapter."""
+    # One C-level copy: a store may add or delete adapters from another thread while this runs.
+    items = tuple(layer.adapters._modules.items())
+    if not items:
+        return None
+    stack = layer.mixed_stack
+    if stack is not None and stack.items == items:
+        check = [s for s, (name, _) in enumerate(items, 1) if used is None or name in used]
+        if all(stack.fingerprints[s] == _fingerprint(items[s - 1][1]) for s in check):
+            return stack
+    stack = _build_stack(layer, items)
+    layer.mixed_stack = stack
+    return stack
+
+
+def _build_stack(layer: LoraLayer, items: tuple[tuple[str, LoraAdapter], ...]) -> AdapterStack:
+    if layer.kind == "conv2d":
+        raise MixedBatchError("per-row adapters support Linear, GPT-2 Conv1D and Embedding layers, not Conv2d")
+    fingerprints = [()] + [_fingerprint(a) for _, a in items]  # before reading the data: a racing write shows later
+    in_f, out_f = layer_features(layer.base_layer, layer.kind)
+    ranks = [0] + [a.lora_A.shape[0] for _, a in items]
+    dtype = functools.reduce(torch.promote_types, [a.lora_A.dtype for _, a in items])
+    device = items[0][1].lora_A.device
+    # Normal tensors even when called under inference_mode, so a later forward with gradients can read them.
+    with torch.inference_mode(False), torch.no_grad():
+        A = torch.zeros(len(items) + 1, in_f, max(ranks), dtype=dtype, device=device)
+        B = torch.zeros(len(items) + 1, max(ranks), out_f, dtype=dtype, device=device)
+        for s, (_, a) in enumerate(items, 1):
+            A[s, :, : ranks[s]] = a.lora_A.T
+            B[s, : ranks[s]] = a.lora_B.T * a.scale
+    slots = {name: s for s, (name, _) in enumerate(items, 1)}
+    return AdapterStack(items, slots, ranks, fingerprints, A, B)
+
+
+def clear_stacks(model: nn.Module) -> None:
+    """Drop every layer's cached stack (they are rebuilt on the next per-row batch); frees their memory."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.mixed_stack = None
+
+
+# --- the per-row forward ----------------------------------------------------------------------------
+
+
+class RowPlan:
+    """The adapter of every row, resolved once per layer into that layer's stack slots (an int when all
+    rows share one slot, else a tensor of slots). One plan lives as long as one `adapter_rows` block."""
+
+    def __init__(self, names: tuple[str | None, ...]):
+        self.names = names
+        self._layers: dict[int, tuple[LoraLayer, AdapterStack | None, int | torch.Tensor]] = {}
+
+    def forward(self, layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+        entry = self._layers.get(id(layer))
+        if entry is None or entry[0] is not layer:
+            entry = self._layers[id(layer)] = self._prepare(layer)
+        _, stack, slots = entry
+        y = layer.base_layer(x)
+        if isinstance(slots, int):
+            return y if slots == 0 else _add_one(layer.kind, stack, slots, x, y)
+        return _add_rows(layer.kind, stack, _expand(slots, x, layer.kind), x, y)
+
+    def _prepare(self, layer: LoraLayer):
+        if layer.merged:
+            raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before running per-row adapters")
+        present = {n for n in self.names if n is not None and n in layer.adapters}
+        if not present:  # no row's adapter reaches this layer: the base alone
+            return layer, None, 0
+        stack = layer_stack(layer, present)
+        ids = [stack.slots.get(n, 0) if n is not None else 0 for n in self.names]
+        if len(set(ids)) == 1:
+            return layer, stack, ids[0]
+        return layer, stack, torch.tensor(ids, device=stack.A.device)
+
+
+def _expand(slots: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The slot of each of x's rows (its first dimension)."""
+    rows = x.shape[0] if x.dim() >= (1 if kind == "embedding" else 2) else 0
+    if rows == len(slots):
+        return slots
+    if rows and rows % len(slots) == 0:  # generate() repeats each row in place for beams / num_return_sequences
+        return slots.repeat_interleave(rows // len(slots))
+    raise MixedBatchError(
+        f"a LoRA layer got an input of shape {tuple(x.shape)}, whose first dimension does not fit the "
+        f"{len(slots)} adapter names given; pass one name (or None) per row of the batch"
+    )
+
+
+def _add_one(kind: str, stack: AdapterStack, s: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Every row runs slot `s`: plain matrix products, at the adapter's own rank."""
+    r = stack.ranks[s]
+    A, B = stack.A[s, :, :r], stack.B[s, :r]
+    t = F.embedding(x, A) if kind == "embedding" else x.to(A.dtype) @ A
+    return _add(y, t.reshape(-1, r), B)
+
+
+def _add_rows(kind: str, stack: AdapterStack, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row i adds `(x_i · A[slot_i]) · B[slot_i]`: gather each row's factors, two batched products."""
+    n = slots.shape[0]
+    if kind == "embedding":
+        t = stack.A[slots.view(-1, *[1] * (x.dim() - 1)), x]  # (n, ..., r): each token's row of its adapter's Aᵀ
+    else:
+        t = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(stack.A.dtype), stack.A[slots])
+    return _add(y, t.reshape(n, -1, t.shape[-1]), stack.B[slots])
+
+
+def _add(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """y + t·B, in place into y when no graph is recorded (saves a pass over the output)."""
+    batched = t.dim() == 3
+    if y.dtype == t.dtype and y.is_contiguous() and not torch.is_grad_enabled():
+        out = y.view(*t.shape[:-1], y.shape[-1])
+        out.baddbmm_(t, B) if batched else out.addmm_(t, B)
+        return y
+    delta = torch.bmm(t, B) if batched else t @ B
+    return y + delta.view(y.shape).to(y.dtype)
+
+
+# --- the adapter_names= keyword on the model ----------------------------------------------------------
+
+
+class AdapterNamesKeyword:
+    """Stands in for `model.forward` or `model.generate`: adds `adapter_names=[...]` and otherwise calls
+    what it replaced. An object, not a closure, so deepcopy and pickle carry it to the copied model."""
+
+    def __init__(self, model: nn.Module, attr: str, inner=None):
+        self.model, self.attr = model, attr
+        self.inner = inner  # an instance-level forward that was there before (e.g. accelerate's hook), else None
+        self._signature = None
+
+    def _target(self):
+        return self.inner if self.inner is not None else getattr(type(self.model), self.attr).__get__(self.model)
+
+    def __call__(self, *args, adapter_names: RowNames | None = None, **kwargs):
+        fn = self._target()
+        if adapter_names is None:
+            return fn(*args, **kwargs)
+        names = check_names(self.model, adapter_names)
+        rows = _batch_rows(args, kwargs)
+        if rows is not None and rows != len(names):
+            raise MixedBatchError(f"adapter_names has {len(names)} names for a batch of {rows} rows; pass one per row")
+        token = MIXED_ROWS.set(RowPlan(names))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            MIXED_ROWS.reset(token)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The replaced method's signature plus `adapter_names` (transformers reads forward's parameters)."""
+        if self._signature is None:
+            sig = inspect.signature(self._target())
+            params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+            params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+            params += [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+            self._signature = sig.replace(parameters=params)
+        return self._signature
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: the signature is recomputed on demand
+        return {**self.__dict__, "_signature": None}
+
+    def __repr__(self) -> str:
+        return f"<{self.attr} of {type(self.model).__name__} with adapter_names=>"
+
+
+def install_adapter_names(model: nn.Module) -> None:
+    """Give `model.forward` (and `model.generate`, if it has one) the `adapter_names=` keyword. Idempotent."""
+    for attr in ("forward", "generate"):
+        current = model.__dict__.get(attr)
+        if isinstance(current, AdapterNamesKeyword) or not callable(getattr(model, attr, None)):
+            continue
+        model.__dict__[attr] = AdapterNamesKeyword(model, attr, current)
+
+
+def uninstall_adapter_names(model: nn.Module) -> None:
+    """Put back what `install_adapter_names` replaced (e.g. after `lorakit.unload`)."""
+    for attr in ("forward", "generate"):
+        current = model.__dict__.get(attr)
+        if isinstance(current, AdapterNamesKeyword):
+            if current.inner is None:
+                del model.__dict__[attr]
+            else:
+                model.__dict__[attr] = current.inner
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> int | None:
+    for value in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[0]
+    return None

@@ -1,0 +1,397 @@
+"""Adapters by name for a server: registered directories, loaded onto the shared base on first use, kept in an
+LRU cache under a cap on their number and bytes, and pinned by the requests that use them.
+
+Every load goes into a fresh adapter under a new name on the model, published only once complete; a
+pinned adapter is never evicted; the cache lock is held for bookkeeping only, never across a load or an
+eviction, so requests for adapters already loaded never wait for one. Forward passes may run while
+adapters are loaded or evicted (see `mixed.layer_stack`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..adapters import active_adapters, delete_adapter, is_merged, set_active
+from ..errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterFileNotFoundError,
+    AdapterNotFoundError,
+    ConfigError,
+    IncompatibleAdapterError,
+    LorakitError,
+    MergeStateError,
+    ShapeMismatchError,
+)
+from ..inject import _logical_modules, lora_layers
+from ..io import _LORA_KEY, CONFIG_NAME, PREFIX, WEIGHTS_NAME, load_adapter, read_adapter_config
+from ..layers import LoraLayer, layer_features, layer_kind
+from .mixed import adapter_rows, clear_stacks
+
+
+class AdapterPathError(AdapterFileError, PermissionError):
+    """An adapter path outside the store's adapter root."""
+
+
+class AdapterInUseError(LorakitError, RuntimeError):
+    """Unregistering an adapter that running requests still use."""
+
+
+class StoreFullError(LorakitError, RuntimeError):
+    """No room to load an adapter: every loaded adapter is in use. Retry when requests finish."""
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0  # acquire() of an adapter already loaded
+    loads: int = 0
+    failed_loads: int = 0
+    evictions: int = 0
+    loaded: int = 0
+    loaded_bytes: int = 0
+
+
+@dataclass(eq=False)
+class _Entry:
+    name: str
+    path: Path
+    nbytes: int  # its tensors' bytes on the model (estimated from the file until loaded)
+    model_name: str | None = None  # its name on the model, set once it is fully loaded
+    pins: int = 0
+    loading: "_Loading | None" = None
+
+
+@dataclass(eq=False)
+class _Loading:
+    """A load in progress: other requests for the same adapter wait on it instead of loading it twice."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class AdapterStore:
+    """Named adapters on one shared `model`, loaded on demand (LRU, at most `max_loaded` of them and `max_bytes`).
+
+    `root`: when set, every adapter path must lie inside it (relative paths are taken from it).
+    `model_lock`: held while the model is changed (load, evict); pass the lock your forward passes hold if
+    they must not overlap a change; by default only loads and evictions exclude each other.
+    """
+
+    def __init__(self, model: nn.Module, root: str | Path | None = None, max_loaded: int | None = None,
+                 max_bytes: int | None = None, model_lock=None):
+        for key, value in (("max_loaded", max_loaded), ("max_bytes", max_bytes)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{key} must be a positive integer or None (no cap), got {value!r}")
+        self.model, self.max_loaded, self.max_bytes = model, max_loaded, max_bytes
+        self.root = Path(root).resolve() if root is not None else None
+        if self.root is not None and not self.root.is_dir():
+            raise AdapterFileNotFoundError(f"adapter root {str(root)!r} is not a directory")
+        self.model_lock = model_lock if model_lock is not None else threading.RLock()
+        self._lock = threading.Lock()  # guards the fields below; never held across a load or an eviction
+        self._entries: dict[str, _Entry] = {}
+        self._by_model_name: dict[str, _Entry] = {}
+        self._lru: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # loaded or loading, oldest first
+        self._used_bytes = 0  # of the entries in _lru
+        self._ids = itertools.count(1)
+        self._stats = StoreStats()
+
+    # -- registry --
+
+    def register(self, name: str, path: str | Path) -> bool:
+        """Make the adapter at `path` available as `name` (loaded on first use). Checks now that the path is
+        inside the root and that the files are a LoRA adapter that fits this base. Returns False when `name`
+        is already registered for the same directory."""
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"adapter names must be non-empty strings, got {name!r}")
+        resolved = self._resolve(path)
+        with self._lock:
+            known = self._entries.get(name)
+        if known is not None:
+            if known.path == resolved:
+                return False
+            raise AdapterExistsError(f"adapter {name!r} is already registered for {known.path}; unregister it first")
+        nbytes = self._check_adapter(resolved)
+        with self._lock:
+            if name in self._entries:  # registered meanwhile by another thread
+                if self._entries[name].path == resolved:
+                    return False
+                raise AdapterExistsError(f"adapter {name!r} is already registered for {self._entries[name].path}")
+            self._entries[name] = _Entry(name, resolved, nbytes)
+        return True
+
+    def unregister(self, name: str) -> None:
+        """Forget `name` and remove it from the model. Refused while a request uses it."""
+        with self._lock:
+            entry = self._entry(name)
+            if entry.pins:
+                raise AdapterInUseError(f"adapter {name!r} is in use by {entry.pins} running request(s); retry when they finish")
+            del self._entries[name]
+            victim = self._forget(entry) if name in self._lru else None
+        if victim:
+            self._delete_from_model([victim])
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def loaded(self) -> list[str]:
+        """Names of the adapters on the model now, least recently used first."""
+        with self._lock:
+            return [name for name, e in self._lru.items() if e.model_name is not None]
+
+    def path(self, name: str) -> Path:
+        with self._lock:
+            return self._entry(name).path
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            loaded = [e for e in self._lru.values() if e.model_name is not None]
+            return StoreStats(**{**self._stats.__dict__, "loaded": len(loaded), "loaded_bytes": sum(e.nbytes for e in loaded)})
+
+    # -- use --
+
+    def acquire(self, name: str) -> str:
+        """Pin adapter `name` (loading it if needed) and return its name on the model, for `adapter_names`.
+        Every acquire() needs one release()."""
+        entry, loading, starts = self._pin(name)
+        try:
+            if starts:
+                self._load(entry, loading)
+            elif loading is not None:
+                loading.done.wait()
+                if loading.error is not None:
+                    raise loading.error
+        except BaseException:
+            self._unpin(entry)
+            raise
+        return entry.model_name
+
+    def release(self, name: str) -> None:
+        """Unpin an adapter acquired before; `name` is its store name or the model name acquire() returned."""
+        with self._lock:
+            entry = self._entries.get(name) or self._by_model_name.get(name)
+            if entry is None or entry.pins == 0:
+                raise LorakitError(f"release({name!r}) without a matching acquire()")
+            entry.pins -= 1
+
+    @contextlib.contextmanager
+    def pinned(self, names: Sequence[str | None]) -> Iterator[list[str | None]]:
+        """Pin every named adapter for the block; yields the names to pass as `adapter_names` (None stays None)."""
+        model_names: dict[str, str] = {}
+        try:
+            for name in dict.fromkeys(n for n in names if n is not None):
+                model_names[name] = self.acquire(name)
+            yield [None if n is None else model_names[n] for n in names]
+        finally:
+            for name in model_names:
+                self.release(name)
+
+    @contextlib.contextmanager
+    def rows(self, names: Sequence[str | None]) -> Iterator[nn.Module]:
+        """Pin the adapters and run per-row adapters: inside, `model(ids)` / `model.generate(ids)` use names[i] for row i."""
+        with self.pinned(names) as model_names, adapter_rows(self.model, model_names):
+            yield self.model
+
+    def prefetch(self, name: str) -> threading.Thread:
+        """Load `name` in a background thread (errors show up at the next acquire())."""
+
+        def run():
+            with contextlib.suppress(LorakitError, OSError):
+                self.release(self.acquire(name))
+
+        thread = threading.Thread(target=run, name=f"lorakit-prefetch-{name}", daemon=True)
+        thread.start()
+        return thread
+
+    # -- internals: pins, room, load, evict --
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise AdapterNotFoundError(f"no adapter registered as {name!r}; registered: {sorted(self._entries) or 'none'}")
+        return entry
+
+    def _pin(self, name: str) -> tuple[_Entry, _Loading | None, bool]:
+        """Pin under the lock; (entry, load to wait for or to run, whether this caller runs it)."""
+        victims: list[str] = []
+        with self._lock:
+            entry = self._entry(name)
+            entry.pins += 1
+            if entry.model_name is not None:
+                self._lru.move_to_end(name)
+                self._stats.hits += 1
+                return entry, None, False
+            if entry.loading is not None:
+                return entry, entry.loading, False
+            try:
+                victims = self._make_room(entry)
+            except StoreFullError:
+                entry.pins -= 1
+                raise
+            entry.loading = _Loading()
+            self._lru[name] = entry
+            self._used_bytes += entry.nbytes
+        self._delete_from_model(victims)
+        return entry, entry.loading, True
+
+    def _make_room(self, entry: _Entry) -> list[str]:
+        """Evict least recently used, unpinned adapters until `entry` fits; their model names (lock held)."""
+        victims = []
+        candidates = iter([e for e in self._lru.values() if e.pins == 0 and e.model_name is not None])
+        while self._over_cap(len(self._lru) + 1, self._used_bytes + entry.nbytes):
+            victim = next(candidates, None)
+            if victim is None:
+                raise StoreFullError(
+                    f"cannot load adapter {entry.name!r} ({entry.nbytes:,} bytes): the {len(self._lru)} loaded adapters "
+                    f"({self._used_bytes:,} bytes; caps: max_loaded={self.max_loaded}, max_bytes={self.max_bytes}) "
+                    "are all in use; retry when requests finish"
+                )
+            victims.append(self._forget(victim))
+            self._stats.evictions += 1
+        return victims
+
+    def _over_cap(self, count: int, nbytes: int) -> bool:
+        return (self.max_loaded is not None and count > self.max_loaded) or (self.max_bytes is not None and nbytes > self.max_bytes)
+
+    def _forget(self, entry: _Entry) -> str | None:
+        """Take a loaded entry out of the cache (lock held); returns its model name to delete."""
+        del self._lru[entry.name]
+        self._used_bytes -= entry.nbytes
+        model_name, entry.model_name = entry.model_name, None
+        self._by_model_name.pop(model_name, None)
+        return model_name
+
+    def _unpin(self, entry: _Entry) -> None:
+        with self._lock:
+            entry.pins -= 1
+
+    def _load(self, entry: _Entry, loading: _Loading) -> None:
+        model_name = f"{re.sub(r'[^A-Za-z0-9_-]', '_', entry.name)}@{next(self._ids)}"
+        try:
+            self._resolve(entry.path)  # again: the directory may have become a link out of the root
+            # Parameters made under a caller's inference_mode could never be used with autograd again.
+            with self.model_lock, torch.inference_mode(False):
+                if is_merged(self.model):
+                    raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before serving adapters")
+                active = active_adapters(self.model)
+                load_adapter(self.model, entry.path, adapter=model_name, activate=False)
+                if active_adapters(self.model) != active:  # loading never changes what a plain forward runs
+                    set_active(self.model, active)
+                nbytes = _adapter_bytes(self.model, model_name)
+        except BaseException as e:
+            with self._lock:
+                self._lru.pop(entry.name, None)
+                self._used_bytes -= entry.nbytes
+                entry.loading = None
+                self._stats.failed_loads += 1
+            loading.error = e
+            loading.done.set()
+            raise
+        with self._lock:  # publish: from here on, acquire() hands out the complete adapter
+            self._used_bytes += nbytes - entry.nbytes
+            entry.nbytes, entry.model_name, entry.loading = nbytes, model_name, None
+            self._by_model_name[model_name] = entry
+            self._stats.loads += 1
+        loading.done.set()
+
+    def _delete_from_model(self, model_names: list[str | None]) -> None:
+        model_names = [m for m in model_names if m is not None]
+        if not model_names:
+            return
+        with self.model_lock:
+            for model_name in model_names:
+                delete_adapter(self.model, model_name)
+            clear_stacks(self.model)  # the stacked copies of evicted adapters would otherwise stay in memory
+
+    # -- checks --
+
+    def _resolve(self, path: str | Path) -> Path:
+        path = Path(path)
+        if self.root is not None and not path.is_absolute():
+            path = self.root / path
+        resolved = path.resolve()
+        if self.root is not None:
+            for p in (resolved, (resolved / CONFIG_NAME).resolve(), (resolved / WEIGHTS_NAME).resolve()):
+                if not p.is_relative_to(self.root):
+                    raise AdapterPathError(
+                        f"adapter path {str(path)!r} resolves to {p}, outside the adapter root {self.root}; "
+                        "put the adapter under the root (symbolic links out of it are refused too)"
+                    )
+        return resolved
+
+    def _check_adapter(self, path: Path) -> int:
+        """Refuse what is not a LoRA adapter servable on this base, with the reason; return its bytes once loaded."""
+        try:
+            config = read_adapter_config(path)
+        except ConfigError as e:
+            raise AdapterFileError(f"{path / CONFIG_NAME}: {e}") from None
+        if config.modules_to_save or config.bias != "none":
+            what = f"full copies of {config.modules_to_save}" if config.modules_to_save else f"biases (bias={config.bias!r})"
+            raise IncompatibleAdapterError(
+                f"adapter {str(path)!r} trains {what}, which would change the base shared by every request; "
+                "only pure LoRA adapters can be served side by side (merge this one into its own model instead)"
+            )
+        shapes = _read_shapes(path / WEIGHTS_NAME)
+        with self.model_lock:
+            modules = dict(_logical_modules(self.model))
+        nbytes = 0
+        for key, shape in shapes.items():
+            nbytes += _check_tensor(key, shape, modules, path, type(self.model).__name__)
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise StoreFullError(f"adapter {str(path)!r} needs {nbytes:,} bytes, more than the store's max_bytes={self.max_bytes:,}")
+        return nbytes
+
+
+def _read_shapes(file: Path) -> dict[str, list[int]]:
+    """Each tensor's shape from the safetensors header, without reading the data."""
+    if not file.exists():
+        raise AdapterFileNotFoundError(f"{file} is missing: not a LoRA adapter directory in safetensors format")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{file} is not a readable safetensors file ({e}); the file is corrupt or truncated") from None
+
+
+def _check_tensor(key: str, shape: list[int], modules: dict[str, nn.Module], path: Path, model: str) -> int:
+    """Check one tensor of the file against the module it names; its bytes once loaded."""
+    file = path / WEIGHTS_NAME
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    m = _LORA_KEY.match(key)
+    if m is None:
+        raise IncompatibleAdapterError(f"{file} has {key!r}, which is not a LoRA factor; only pure LoRA adapters can be served")
+    module = modules.get(m.group("module"))
+    if module is None:
+        raise IncompatibleAdapterError(f"adapter {str(path)!r} names module {m.group('module')!r}, which this {model} does "
+                                       "not have; it was made for another architecture")
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    kind = layer_kind(base)
+    if kind not in ("linear", "conv1d", "embedding"):
+        raise IncompatibleAdapterError(f"adapter {str(path)!r} adapts {m.group('module')!r}, a {type(base).__name__}; "
+                                       "per-row serving supports Linear, GPT-2 Conv1D and Embedding layers")
+    in_f, out_f = layer_features(base, kind)
+    is_a = m.group("factor").endswith("A")
+    fits = len(shape) == 2 and shape[1 if is_a else 0] == (in_f if is_a else out_f)
+    if not fits:
+        need = f"(r, {in_f})" if is_a else f"({out_f}, r)"
+        raise ShapeMismatchError(f"{file}: {key} has shape {tuple(shape)} but {m.group('module')!r} needs {need}; "
+                                 "the adapter was trained on a base with other layer sizes")
+    weight_dtype = base.weight.dtype
+    size = 4 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype.itemsize  # LoraAdapter's rule
+    return shape[0] * shape[1] * size
+
+
+def _adapter_bytes(model: nn.Module, adapter: str) -> int:
+    return sum(p.numel() * p.element_size() for _, layer in lora_layers(model) if adapter in layer.adapters
+               for p in layer.adapters[adapter].parameters())

@@ -1,0 +1,275 @@
+"""Per-row adapters: a mixed batch computes for every row what that row computes alone with its adapter
+(or the base), for Linear and GPT-2 Conv1D layers, with padding, in generate() with a cache, and in threads."""
+
+import copy
+import threading
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.errors import AdapterNotFoundError, MergeStateError
+from lorakit.inject import lora_layers
+from lorakit.serve.mixed import MixedBatchError, adapter_rows
+
+from ..conftest import VOCAB, randomise_lora
+
+ATOL = 1e-5
+
+
+@pytest.fixture
+def llama3(llama):
+    """Three adapters with different ranks, scales and targets: not every layer holds every adapter."""
+    lorakit.inject(llama, LoraConfig(r=4, target_modules="all-linear"), adapter="a")
+    lorakit.inject(llama, LoraConfig(r=8, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]), adapter="b")
+    lorakit.inject(llama, LoraConfig(r=2, rslora=True, target_modules=["o_proj", "up_proj"]), adapter="c")
+    randomise_lora(llama, std=0.1)
+    return llama
+
+
+@pytest.fixture
+def gpt2_2(gpt2):
+    """GPT-2's Conv1D layers (weights stored (in, out)), two ranks."""
+    lorakit.inject(gpt2, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]), adapter="a")
+    lorakit.inject(gpt2, LoraConfig(r=6, alpha=3, target_modules=["c_attn"]), adapter="b")
+    randomise_lora(gpt2, std=0.1)
+    return gpt2
+
+
+def ids(rows, length=10, seed=3):
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def alone(model, x, name, **kw):
+    """The usual way: `name` active (or the adapters disabled for None), nothing per-row."""
+    with torch.no_grad():
+        if name is None:
+            with lorakit.disabled(model):
+                return model(x, **kw).logits
+        lorakit.set_active(model, name)
+        return model(x, **kw).logits
+
+
+def rows_alone(model, x, names):
+    return torch.cat([alone(model, x[i : i + 1], n) for i, n in enumerate(names)])
+
+
+NAMES = [
+    ["a", "b", None, "c", "b", "a"],  # every adapter, a base row, repeats
+    ["b", "b", "b", "b", "b", "b"],  # one adapter for all rows
+    [None] * 6,  # the base only
+    ["c", None, None, None, None, None],
+]
+
+
+@pytest.mark.parametrize("names", NAMES, ids=["mixed", "uniform", "base", "one-row"])
+def test_llama_mixed_batch_equals_rows_alone(llama3, names):
+    x = ids(len(names))
+    expected = rows_alone(llama3, x, names)
+    with torch.no_grad():
+        got = llama3(x, adapter_names=names).logits
+        with adapter_rows(llama3, names):
+            got_ctx = llama3(x).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert torch.equal(got, got_ctx)
+
+
+def test_rows_really_differ(llama3):
+    """The adapters change the output, so the equalities above are not base = base."""
+    x = ids(1).expand(4, -1)
+    with torch.no_grad():
+        out = llama3(x, adapter_names=["a", "b", "c", None]).logits
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (out[i] - out[j]).abs().max() > 1e-2
+
+
+def test_gpt2_conv1d_mixed_batch(gpt2_2):
+    names = ["b", None, "a", "a", "b"]
+    x = ids(len(names))
+    with torch.no_grad():
+        got = gpt2_2(x, adapter_names=names).logits
+    torch.testing.assert_close(got, rows_alone(gpt2_2, x, names), atol=ATOL, rtol=0)
+
+
+def test_embedding_layers_mixed(llama):
+    lorakit.inject(llama, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]), adapter="a")
+    lorakit.inject(llama, LoraConfig(r=2, target_modules=["embed_tokens"]), adapter="b")
+    randomise_lora(llama, std=0.1)
+    names = ["a", "b", None, "b"]
+    x = ids(len(names))
+    with torch.no_grad():
+        got = llama(x, adapter_names=names).logits
+    torch.testing.assert_close(got, rows_alone(llama, x, names), atol=ATOL, rtol=0)
+
+
+def test_padding_with_attention_mask(llama3):
+    """Right-padded rows of different lengths: each row's real positions match the row run alone, unpadded."""
+    names, lengths = ["a", None, "c", "b"], [10, 4, 7, 9]
+    x = ids(len(names))
+    mask = torch.tensor([[1] * n + [0] * (10 - n) for n in lengths])
+    with torch.no_grad():
+        got = llama3(x, attention_mask=mask, adapter_names=names).logits
+    for i, (name, n) in enumerate(zip(names, lengths)):
+        torch.testing.assert_close(got[i, :n], alone(llama3, x[i : i + 1, :n], name)[0], atol=ATOL, rtol=0)
+
+
+def generate_alone(model, prompt, name, **kw):
+    kw.setdefault("attention_mask", torch.ones_like(prompt))  # else a prompt token equal to pad_token_id is masked
+    if name is None:
+        with lorakit.disabled(model):
+            return model.generate(prompt, **kw)
+    lorakit.set_active(model, name)
+    return model.generate(prompt, **kw)
+
+
+@pytest.mark.parametrize("fixture", ["llama3", "gpt2_2"])
+def test_greedy_generate_equals_rows_alone(fixture, request):
+    model = request.getfixturevalue(fixture)
+    names = ["a", None, "b", "a"] if fixture == "gpt2_2" else ["a", None, "b", "c"]
+    x = ids(len(names), length=6)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    mixed = model.generate(x, attention_mask=torch.ones_like(x), adapter_names=names, **kw)
+    for i, name in enumerate(names):
+        assert torch.equal(mixed[i], generate_alone(model, x[i : i + 1], name, **kw)[0]), f"row {i} ({name})"
+    assert len({tuple(r[-8:].tolist()) for r in mixed}) > 1  # the rows did not all produce the same text
+
+
+def test_greedy_generate_left_padded(llama3):
+    """Prompts of different lengths, left-padded in one batch, each row against its unpadded prompt alone."""
+    names, lengths = ["c", "a", None], [6, 3, 5]
+    x = ids(len(names), length=6)
+    mask = torch.tensor([[0] * (6 - n) + [1] * n for n in lengths])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    mixed = llama3.generate(x, attention_mask=mask, adapter_names=names, **kw)
+    for i, (name, n) in enumerate(zip(names, lengths)):
+        assert torch.equal(mixed[i, 6:], generate_alone(llama3, x[i : i + 1, 6 - n :], name, **kw)[0, n:])
+
+
+def test_sampling_generate(llama3):
+    """Sampling: each row's first-step logits are its own adapter's; one adapter for all rows samples exactly
+    what the active adapter samples with the same seed; num_return_sequences repeats each row's adapter."""
+    names = ["b", None, "a"]
+    x = ids(3, length=5)
+    kw = dict(max_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0, attention_mask=torch.ones_like(x))
+    out = llama3.generate(x, adapter_names=names, output_logits=True, return_dict_in_generate=True,
+                          num_return_sequences=2, **kw)
+    assert out.sequences.shape == (6, 9)
+    first = out.logits[0]  # (6, vocab): rows expanded in place, 0,0,1,1,2,2
+    expected = rows_alone(llama3, x, names)[:, -1]
+    torch.testing.assert_close(first, expected.repeat_interleave(2, dim=0), atol=ATOL, rtol=0)
+
+    torch.manual_seed(7)
+    mixed = llama3.generate(x, adapter_names=["a"] * 3, **kw)
+    lorakit.set_active(llama3, "a")
+    torch.manual_seed(7)
+    assert torch.equal(mixed, llama3.generate(x, **kw))
+
+
+def test_switching_copies_nothing_and_stacks_are_cached(llama3):
+    x = ids(3)
+    ptrs = {n: p.data_ptr() for n, p in llama3.named_parameters()}
+    with torch.no_grad():
+        llama3(x, adapter_names=["a", "b", "c"])
+        stacks = {n: layer.mixed_stack for n, layer in lora_layers(llama3)}
+        llama3(x, adapter_names=["c", None, "a"])
+        llama3(x, adapter_names=["b", "b", "b"])
+    assert {n: p.data_ptr() for n, p in llama3.named_parameters()} == ptrs
+    assert {n: layer.mixed_stack for n, layer in lora_layers(llama3)} == stacks  # same objects: not rebuilt
+
+
+def test_stacks_follow_adapter_changes(llama3):
+    """Adding, deleting and changing an adapter in place (a training step, a load) rebuild what they touch."""
+    x = ids(3)
+    with torch.no_grad():
+        llama3(x, adapter_names=["a", "b", "c"])
+    q = llama3.model.layers[0].self_attn.q_proj
+    before = q.mixed_stack
+    lorakit.inject(llama3, LoraConfig(r=3, target_modules=["q_proj"]), adapter="d")
+    randomise_lora(llama3, std=0.1, seed=5)  # every factor changes in place
+    names = ["d", "a", "b"]
+    with torch.no_grad():
+        got = llama3(x, adapter_names=names).logits
+    assert q.mixed_stack is not before
+    torch.testing.assert_close(got, rows_alone(llama3, x, names), atol=ATOL, rtol=0)
+    lorakit.delete_adapter(llama3, "b")
+    with torch.no_grad():
+        got = llama3(x, adapter_names=["d", "a", None]).logits
+    torch.testing.assert_close(got, rows_alone(llama3, x, ["d", "a", None]), atol=ATOL, rtol=0)
+
+
+def test_normal_path_is_untouched(llama3):
+    x = ids(2)
+    lorakit.set_active(llama3, "b")
+    with torch.no_grad():
+        before = llama3(x).logits
+        llama3(x, adapter_names=["a", "c"])
+        assert torch.equal(llama3(x).logits, before)
+    assert lorakit.active_adapters(llama3) == [("b", 1.0)]
+
+
+def test_threads_run_their_own_rows(llama3):
+    """The row plan lives in a context variable: two threads on one model do not see each other's."""
+    x = ids(2)
+    plans = [["a", "b"], ["c", None], ["b", "a"]]
+    expected = [rows_alone(llama3, x, p) for p in plans]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                with torch.no_grad():
+                    got = llama3(x, adapter_names=plans[i]).logits
+                torch.testing.assert_close(got, expected[i], atol=ATOL, rtol=0)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_deepcopy_keeps_the_keyword_on_the_copy(llama3):
+    x = ids(2)
+    twin = copy.deepcopy(llama3)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.01)
+        mine = llama3(x, adapter_names=["a", None]).logits
+        theirs = twin(x, adapter_names=["a", None]).logits
+    assert not torch.allclose(mine, theirs)  # the copy runs its own weights, not the original's
+    torch.testing.assert_close(mine, rows_alone(llama3, x, ["a", None]), atol=ATOL, rtol=0)
+
+
+def test_bad_inputs(llama3):
+    x = ids(3)
+    with pytest.raises(AdapterNotFoundError, match=r"'zz'.*\['a', 'b', 'c'\]"):
+        llama3(x, adapter_names=["a", "zz", None])
+    with pytest.raises(MixedBatchError, match="3 rows"):
+        llama3(x, adapter_names=["a", "b"])
+    with pytest.raises(MixedBatchError, match="one adapter name"):
+        llama3(x, adapter_names="a")
+    with pytest.raises(MixedBatchError, match="one adapter name"):
+        llama3(x, adapter_names=[])
+    with pytest.raises(MixedBatchError, match="does not fit the 2 adapter names"), adapter_rows(llama3, ["a", "b"]):
+        llama3(x)
+    lorakit.merge(llama3, "a")
+    with pytest.raises(MergeStateError, match="unmerge"):
+        llama3(x, adapter_names=["a", None, "b"])
+    lorakit.unmerge(llama3)
+    llama3(x, adapter_names=["a", None, "b"])
+
+
+def test_conv2d_is_refused_clearly():
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    lorakit.inject(model, LoraConfig(r=2, target_modules=["0"]), adapter="a")
+    with pytest.raises(MixedBatchError, match="Conv2d"), adapter_rows(model, ["a", None]):
+        model(torch.randn(2, 3, 5, 5))
+    with adapter_rows(model, [None, None]):  # base rows never touch the adapters
+        model(torch.randn(2, 3, 5, 5))
