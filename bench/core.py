@@ -1,11 +1,15 @@
 """Core benchmark (issue 2): lorakit's LoRA training step and forward pass against the frozen-model floor and
 PEFT on the same weights, plus the cost of merge, unmerge, save, load and switching adapters.
 
-    python bench/core.py              # LlamaForCausalLM, hidden 512, 8 layers, batch 8 x 256, 1 and 2 threads (~8 min)
-    python bench/core.py --quick      # a tiny model, to check the script runs (~20 s)
+    python bench/core.py               # LlamaForCausalLM hidden 512, 8 layers, batch 8 x 256, 1 thread
+    python bench/core.py --threads 1,2 # the same at 1 and then 2 torch threads
+    python bench/core.py --quick       # a tiny model, to check the script runs (~20 s)
 
-Every measurement is the median of repeated runs taken in turn (A, B, C, C, B, A, ...), so the noise of a
-shared machine falls on every side alike. The output is a markdown table ready for docs/benchmarks.md.
+The default run takes about 5 minutes on an idle 2-core machine, twice that when other work shares the
+cores. Every measurement is the median of repeated runs taken in turn (A, B, C, C, B, A, ...), so the
+noise of a shared machine falls on every side alike; ratios are given by wall clock and by this
+process's CPU time (which does not count waiting for a busy core). The output is markdown, ready for
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to measure, e.g. '1' or '1,2'")
+    # One thread by default: with two, each op can stall ~15 ms whenever the other core is busy.
+    p.add_argument("--threads", default="1", help="comma-separated torch thread counts to measure, e.g. '1' or '1,2'")
     p.add_argument("--train-reps", type=int, default=3, help="timed training steps per variant (after one warm-up)")
     p.add_argument("--forward-reps", type=int, default=3, help="timed forward passes per variant (after one warm-up)")
     p.add_argument("--op-reps", type=int, default=5, help="timed merge/unmerge/save/load/switch calls")
@@ -78,7 +83,8 @@ def build_models(args: argparse.Namespace):
     )
     base = LlamaForCausalLM(config).requires_grad_(False)
     # The floor: the same frozen model with the embedding output requiring grad, so backward runs through
-    # every layer but computes activation gradients only.
+    # every layer but computes activation gradients only. It also computes the gradient into layer 0's
+    # q/k/v inputs, which a LoRA step skips (nothing below them trains): about 1% of the step here.
     floor = copy.deepcopy(base)
     floor.enable_input_require_grads()
 
@@ -97,7 +103,7 @@ def build_models(args: argparse.Namespace):
                 theirs = inner.get_submodule(name)
                 theirs.lora_A["default"].weight.copy_(layer.adapters["default"].lora_A)
                 theirs.lora_B["default"].weight.copy_(layer.adapters["default"].lora_B)
-    return config, base, floor, ours, peft
+    return base, floor, ours, peft
 
 
 def check_same_outputs(base, ours, peft, ids) -> tuple[float, float]:
@@ -294,7 +300,7 @@ def report_ops(n: int, rows: list[tuple[str, Times, Times, str]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    config, base, floor, ours, peft = build_models(args)
+    base, floor, ours, peft = build_models(args)
     torch.manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     n_adapted = sum(isinstance(m, lorakit.LoraLayer) for m in ours.modules())
@@ -315,13 +321,16 @@ def main(argv: list[str] | None = None) -> int:
           f"fp32; AdamW on the adapters")
     print(f"check: max |lorakit − PEFT| logits = {diff_peft:.2e} (same weights), max |lorakit − base| = {diff_base:.2e}")
     print(f"repetitions: train {args.train_reps}, forward {args.forward_reps}, operations {args.op_reps} "
-          "(+1 warm-up each), interleaved\n", flush=True)
+          f"(+1 warm-up each), interleaved; load average at start {os.getloadavg()[0]:.1f}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         lorakit.save_adapter(ours, Path(tmp) / "start")
         merged = copy.deepcopy(base)
         lorakit.load_adapter(merged, Path(tmp) / "start")
         lorakit.merge(merged)
+        with torch.no_grad():
+            diff_merged = (merged(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()
+        print(f"check: max |merged − unmerged| logits = {diff_merged:.2e}\n")
         for n in args.threads:
             torch.set_num_threads(n)
             train = train_steps(floor, ours, peft, ids, args.train_reps)
@@ -330,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads[0])
         rows = operations(base, ours, peft, args, Path(tmp))
         print("\n".join(report_ops(args.threads[0], rows)) + "\n")
-    print(f"total {time.perf_counter() - started:.0f} s")
+    print(f"total {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f} "
+          f"(above 1 means other work shared the {os.cpu_count()} cores)")
     return 0
 
 

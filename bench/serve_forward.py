@@ -5,9 +5,9 @@ same batch on the base model and on a single adapter, for lorakit (`adapter_name
     python bench/serve_forward.py --quick    # a tiny model, to check the script runs (~15 s)
 
 Both libraries hold the same 32 adapters (saved by lorakit, loaded by both) and are checked to give the same
-logits. Passes of all variants are taken in turn (A, B, C, C, B, A, ...) and each variant keeps its fastest:
-on a shared machine other work only ever adds time, and taking turns spreads slow spells over every variant.
-The output is a markdown table ready for docs/benchmarks.md.
+logits. Time is the process's CPU time with one torch thread: on a shared machine, wall-clock time also counts
+the time spent waiting for a core, which swamps a 10% difference. Passes of all variants are taken in turn
+(A, B, C, C, B, A, ...) and each variant keeps its fastest. The output is a markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def check_same_logits(args, ours, peft, ids) -> float:
 
 
 def measure(fns: dict, reps: int) -> dict[str, float]:
-    """Fastest seconds per call of each function, timed in turn, forwards then backwards."""
+    """Fastest CPU seconds per call of each function, timed in turn, forwards then backwards."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     with torch.no_grad():
@@ -132,9 +132,9 @@ def measure(fns: dict, reps: int) -> dict[str, float]:
             fn()
         for rep in range(reps):
             for name in order if rep % 2 == 0 else order[::-1]:
-                start = time.perf_counter()
+                start = time.process_time()
                 fns[name]()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(time.process_time() - start)
     return {name: min(t) for name, t in times.items()}
 
 
@@ -144,7 +144,7 @@ def table(args, results: dict[str, dict[str, float]], diffs: dict[str, float]) -
         f"Measured {datetime.date.today()} on {platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch "
         f"thread(s), torch {torch.__version__}; LlamaForCausalLM hidden {args.hidden}, {args.layers} layers, "
         f"intermediate {args.intermediate}, vocab {args.vocab}; batch {args.batch} x {args.seq} tokens, "
-        f"{'all' if args.all_logits else 'last-position'} logits, fp32, no_grad; best of {args.reps} passes.",
+        f"{'all' if args.all_logits else 'last-position'} logits, fp32, no_grad; tokens per CPU second, best of {args.reps} passes.",
         "",
         "| LoRA setup | batch | lorakit tok/s | × base | PEFT tok/s | × base | lorakit / PEFT |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

@@ -42,7 +42,9 @@ class IndexEntry:
 
 
 def read_synsets(path: Path) -> dict[str, Synset]:
-    """data.noun: `offset lexfile pos w_cnt(hex) word lex_id ... | gloss` (wndb(5WN)); licence lines start with 2 spaces."""
+    """data.noun: `offset lexfile pos w_cnt(hex) word lex_id ... | gloss` (wndb(5WN)).
+
+    The licence header's lines start with two spaces."""
     synsets = {}
     for line in path.read_text(encoding="latin-1").splitlines():
         if line.startswith("  "):
@@ -181,7 +183,10 @@ def main() -> None:
     other_pos = [read_index(args.wordnet / f"index.{pos}") for pos in ("verb", "adj", "adv")]
 
     rng = random.Random(SEED)
-    words = pick_words(synsets, nouns, counts, other_pos, lambda s: len(tokenizer.encode(s, add_special_tokens=False).ids), rng)
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    words = pick_words(synsets, nouns, counts, other_pos, count_tokens, rng)
     rows = [{"prompt": PROMPT_TEMPLATE.format(word=word), "completion": COMPLETION_TEMPLATE.format(category=category)}
             for category, ws in words.items() for word in ws]
     rng.shuffle(rows)

