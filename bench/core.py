@@ -5,7 +5,7 @@ PEFT on the same weights, plus the cost of merge, unmerge, save, load and switch
     python bench/core.py --threads 1,2 # the same at 1 and then 2 torch threads
     python bench/core.py --quick       # a tiny model, to check the script runs (~20 s)
 
-The default run takes about 5 minutes on an idle 2-core machine, twice that when other work shares the
+The default run takes about 6 minutes on an idle 2-core machine, twice that when other work shares the
 cores. Every measurement is the median of repeated runs taken in turn (A, B, C, C, B, A, ...), so the
 noise of a shared machine falls on every side alike; ratios are given by wall clock and by this
 process's CPU time (which does not count waiting for a busy core). The output is markdown, ready for
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # One thread by default: with two, each op can stall ~15 ms whenever the other core is busy.
     p.add_argument("--threads", default="1", help="comma-separated torch thread counts to measure, e.g. '1' or '1,2'")
     p.add_argument("--train-reps", type=int, default=3, help="timed training steps per variant (after one warm-up)")
-    p.add_argument("--forward-reps", type=int, default=3, help="timed forward passes per variant (after one warm-up)")
+    p.add_argument("--forward-reps", type=int, default=5, help="timed forward passes per variant (after one warm-up)")
     p.add_argument("--op-reps", type=int, default=5, help="timed merge/unmerge/save/load/switch calls")
     p.add_argument("--quick", action="store_true", help="a tiny model and few repetitions: checks the script, not the speed")
     args = p.parse_args(argv)

@@ -1,5 +1,6 @@
 """Mixed-adapter forward (issue 4): tokens/s of one batch whose rows use 1, 8 or 32 distinct adapters, against the
-same batch on the base model and on a single adapter, for lorakit (`adapter_names=`) and PEFT (`adapter_names=`).
+same batch on the base model and on a single adapter, for lorakit (`adapter_names=`) and PEFT (`adapter_names=`);
+for a whole forward pass and for one decoding step with a KV cache.
 
     python bench/serve_forward.py            # LlamaForCausalLM hidden 512, 4 layers, batch 32 x 64, two LoRA setups (~10 min)
     python bench/serve_forward.py --quick    # a tiny model, to check the script runs (~15 s)
@@ -91,26 +92,51 @@ def build(args: argparse.Namespace, targets, rank: int, workdir: Path):
     return base, ours, peft
 
 
-def variants(args, base, ours, peft, ids):
-    """name -> a function running one forward pass."""
+def variants(args, base, ours, peft) -> dict[str, tuple]:
+    """name -> (model, keyword arguments, what to call before each pass)."""
     kw = {} if args.all_logits else {"logits_to_keep": 1}
-
-    def rows(k):
-        return [f"a{i % k}" for i in range(ids.shape[0])]
-
-    def single_ours():
-        lorakit.set_active(ours, "a0")
-        return ours(ids, **kw)
-
-    def single_peft():
-        peft.set_adapter("a0")
-        return peft(input_ids=ids, **kw)
-
-    out = {"base": lambda: base(ids, **kw), "lorakit 1 adapter": single_ours, "peft 1 adapter": single_peft}
+    out = {
+        "base": (base, kw, None),
+        "lorakit 1 adapter": (ours, kw, lambda: lorakit.set_active(ours, "a0")),
+        "peft 1 adapter": (peft, kw, lambda: peft.set_adapter("a0")),
+    }
     for k in args.mixes:
-        out[f"lorakit mixed {k}"] = lambda k=k: ours(ids, adapter_names=rows(k), **kw)
-        out[f"peft mixed {k}"] = lambda k=k: peft(input_ids=ids, adapter_names=rows(k), **kw)
+        rows = [f"a{i % k}" for i in range(args.batch)]
+        out[f"lorakit mixed {k}"] = (ours, {**kw, "adapter_names": rows}, None)
+        out[f"peft mixed {k}"] = (peft, {**kw, "adapter_names": rows}, None)
     return out
+
+
+def forward_pass(model, kw: dict, before, ids: torch.Tensor):
+    """One forward pass over the whole batch."""
+
+    def run():
+        if before is not None:
+            before()
+        model(input_ids=ids, **kw)
+
+    return run
+
+
+def decode_step(model, kw: dict, before, ids: torch.Tensor):
+    """One decoding step (one new token per row) after a prefill of `ids`; the cache is cropped back after
+    each step, so every call does the same work."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    if before is not None:
+        before()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True, **kw)
+    last = ids[:, -1:]
+
+    def run():
+        if before is not None:
+            before()
+        model(input_ids=last, past_key_values=cache, use_cache=True, **kw)
+        cache.crop(-1)  # drop the token just added
+
+    return run
 
 
 def check_same_logits(args, ours, peft, ids) -> float:
@@ -138,15 +164,9 @@ def measure(fns: dict, reps: int) -> dict[str, float]:
     return {name: min(t) for name, t in times.items()}
 
 
-def table(args, results: dict[str, dict[str, float]], diffs: dict[str, float]) -> str:
-    tokens = args.batch * args.seq
+def table(args, results: dict[str, dict[str, float]], tokens: int, what: str) -> list[str]:
     lines = [
-        f"Measured {datetime.date.today()} on {platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch "
-        f"thread(s), torch {torch.__version__}; LlamaForCausalLM hidden {args.hidden}, {args.layers} layers, "
-        f"intermediate {args.intermediate}, vocab {args.vocab}; batch {args.batch} x {args.seq} tokens, "
-        f"{'all' if args.all_logits else 'last-position'} logits, fp32, no_grad; tokens per CPU second, best of {args.reps} passes.",
-        "",
-        "| LoRA setup | batch | lorakit tok/s | × base | PEFT tok/s | × base | lorakit / PEFT |",
+        f"| LoRA setup | {what} | lorakit tok/s | × base | PEFT tok/s | × base | lorakit / PEFT |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for setup, res in results.items():
@@ -157,9 +177,28 @@ def table(args, results: dict[str, dict[str, float]], diffs: dict[str, float]) -
         for label, ours, theirs in rows:
             a, b = tokens / res[ours], tokens / res[theirs]
             lines.append(f"| {setup} | {label} | {a:,.0f} | {a / base:.2f} | {b:,.0f} | {b / base:.2f} | {a / b:.2f} |")
-    lines.append("")
-    lines.append("Largest |lorakit − PEFT| logit difference on a mixed batch (with a base row): "
-                 + ", ".join(f"{s}: {d:.1e}" for s, d in diffs.items()) + ".")
+    return lines
+
+
+def report(args, forward: dict, decode: dict, diffs: dict[str, float]) -> str:
+    lines = [
+        f"Measured {datetime.date.today()} on {platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch "
+        f"thread(s), torch {torch.__version__}; LlamaForCausalLM hidden {args.hidden}, {args.layers} layers, "
+        f"intermediate {args.intermediate}, vocab {args.vocab}, fp32, no_grad; batch {args.batch} rows, row i using "
+        f"adapter i mod k; {'all' if args.all_logits else 'last-position'} logits; tokens per CPU second, best of "
+        f"{args.reps} passes.",
+        "",
+        f"Forward pass, {args.batch} x {args.seq} tokens:",
+        "",
+        *table(args, forward, args.batch * args.seq, "batch"),
+        "",
+        f"Decoding step, one new token per row after a {args.seq}-token prefill (KV cache):",
+        "",
+        *table(args, decode, args.batch, "batch"),
+        "",
+        "Largest |lorakit − PEFT| logit difference on a mixed batch (with a base row): "
+        + ", ".join(f"{s}: {d:.1e}" for s, d in diffs.items()) + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -168,14 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    results, diffs, ok = {}, {}, True
+    forward, decode, diffs, ok = {}, {}, {}, True
     for setup in args.setups:
         targets, rank = SETUPS[setup]
         with tempfile.TemporaryDirectory() as tmp:
             base, ours, peft = build(args, targets, rank, Path(tmp))
         diffs[setup] = check_same_logits(args, ours, peft, ids)
         print(f"{setup}: timing ...", file=sys.stderr, flush=True)
-        res = results[setup] = measure(variants(args, base, ours, peft, ids), args.reps)
+        specs = variants(args, base, ours, peft)
+        res = forward[setup] = measure({name: forward_pass(*spec, ids) for name, spec in specs.items()}, args.reps)
+        decode[setup] = measure({name: decode_step(*spec, ids) for name, spec in specs.items()}, args.reps)
         k = max(args.mixes)
         ratio = res["base"] / res[f"lorakit mixed {k}"]
         faster = all(res[f"lorakit mixed {m}"] < res[f"peft mixed {m}"] for m in args.mixes)
@@ -183,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{setup}: {k} distinct adapters at {ratio:.2f}x base (target >= {TARGET_VS_BASE}); "
               f"faster than PEFT's mixed path at every mix: {faster}", file=sys.stderr)
         del base, ours, peft
-    print(table(args, results, diffs))
+    print(report(args, forward, decode, diffs))
     return 0 if ok or args.quick else 1
 
 

@@ -64,8 +64,9 @@ NAMES = [
 
 
 @pytest.mark.parametrize("names", NAMES, ids=["mixed", "uniform", "base", "one-row"])
-def test_llama_mixed_batch_equals_rows_alone(llama3, names):
-    x = ids(len(names))
+@pytest.mark.parametrize("length", [10, 3], ids=["batched-products", "few-tokens"])  # the two ways to compute rows
+def test_llama_mixed_batch_equals_rows_alone(llama3, names, length):
+    x = ids(len(names), length)
     expected = rows_alone(llama3, x, names)
     with torch.no_grad():
         got = llama3(x, adapter_names=names).logits
@@ -85,9 +86,10 @@ def test_rows_really_differ(llama3):
             assert (out[i] - out[j]).abs().max() > 1e-2
 
 
-def test_gpt2_conv1d_mixed_batch(gpt2_2):
+@pytest.mark.parametrize("length", [10, 2])
+def test_gpt2_conv1d_mixed_batch(gpt2_2, length):
     names = ["b", None, "a", "a", "b"]
-    x = ids(len(names))
+    x = ids(len(names), length)
     with torch.no_grad():
         got = gpt2_2(x, adapter_names=names).logits
     torch.testing.assert_close(got, rows_alone(gpt2_2, x, names), atol=ATOL, rtol=0)
@@ -97,11 +99,11 @@ def test_embedding_layers_mixed(llama):
     lorakit.inject(llama, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]), adapter="a")
     lorakit.inject(llama, LoraConfig(r=2, target_modules=["embed_tokens"]), adapter="b")
     randomise_lora(llama, std=0.1)
-    names = ["a", "b", None, "b"]
-    x = ids(len(names))
-    with torch.no_grad():
-        got = llama(x, adapter_names=names).logits
-    torch.testing.assert_close(got, rows_alone(llama, x, names), atol=ATOL, rtol=0)
+    x = ids(4)
+    for names in (["a", "b", None, "b"], ["b"] * 4):
+        with torch.no_grad():
+            got = llama(x, adapter_names=names).logits
+        torch.testing.assert_close(got, rows_alone(llama, x, names), atol=ATOL, rtol=0)
 
 
 def test_padding_with_attention_mask(llama3):

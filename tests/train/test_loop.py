@@ -1,6 +1,7 @@
 """The training loop: it learns, writes its evidence, accumulates exactly, resumes bit-identically, stops on NaN."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -68,14 +69,15 @@ def test_gradient_accumulation_matches_one_big_batch(lm_dir, letters, tmp_path):
 
 
 def test_resume_after_sigkill_is_bit_identical(lm_dir, letters, tmp_path):
-    args = ["--base", str(lm_dir), "--data", str(letters), "--max-steps", "40", "--save-every", "3", "--lr", "3e-3",
+    args = ["--base", str(lm_dir), "--data", str(letters), "--max-steps", "30", "--save-every", "3", "--lr", "3e-3",
             "--targets", "all-linear", "--eval-fraction", "0.2", "--seed", "1", "--dropout", "0.1", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a busy 2-core machine stalls 2-thread runs
     straight = tmp_path / "straight"
     assert subprocess.run([sys.executable, "-m", "lorakit", "train", *args, "--out", str(straight)],
-                          capture_output=True).returncode == 0
+                          capture_output=True, env=env).returncode == 0
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-000006").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
@@ -83,7 +85,7 @@ def test_resume_after_sigkill_is_bit_identical(lm_dir, letters, tmp_path):
     assert proc.wait() == -signal.SIGKILL
     assert not (killed / "adapter_model.safetensors").exists()  # it really died before the end
     resumed = subprocess.run([sys.executable, "-m", "lorakit", "train", *args, "--out", str(killed), "--resume"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     a, b = adapter_tensors(straight), adapter_tensors(killed)

@@ -79,19 +79,28 @@ class AdapterStack:
     items: tuple[tuple[str, LoraAdapter], ...]  # what it was built from (compared by identity)
     slots: dict[str, int]
     ranks: list[int]  # per slot; 0 for the base
-    fingerprints: list[tuple]  # per slot: what changes when that adapter's factors change
+    watch: list[tuple]  # per slot: what changes when that adapter's factors change (see _is_fresh)
     A: torch.Tensor  # (slots, in, r_max): Aᵀ, zero beyond each adapter's rank
     B: torch.Tensor  # (slots, r_max, out): scale · Bᵀ
 
 
-def _fingerprint(adapter: LoraAdapter) -> tuple:
+def _watch(adapter: LoraAdapter) -> tuple:
     # Reads `_parameters` directly: nn.Module.__getattr__ is ~10x slower, and this runs per layer per batch.
     A, B = adapter._parameters["lora_A"], adapter._parameters["lora_B"]
-    return (id(A), id(B), _version(A), _version(B), A.data_ptr(), B.data_ptr(), adapter.scale)
+    return adapter, A, B, _version(A), _version(B), A.data_ptr(), B.data_ptr(), adapter.scale
+
+
+def _is_fresh(watch: tuple) -> bool:
+    """The adapter still holds the factors its slot was copied from: same tensors, storage, version and scale."""
+    adapter, A, B, version_A, version_B, ptr_A, ptr_B, scale = watch
+    p = adapter._parameters
+    return (p["lora_A"] is A and p["lora_B"] is B and _version(A) == version_A and _version(B) == version_B
+            and A.data_ptr() == ptr_A and B.data_ptr() == ptr_B and adapter.scale == scale)
 
 
 def _version(t: torch.Tensor) -> int:
-    return -1 if t.is_inference() else t._version  # in-place writes (load, training step) bump it
+    # In-place writes (a load's copy, a training step) bump it. Inference tensors have none: always rebuild.
+    return t._version if not t.is_inference() else -id(t)
 
 
 def layer_stack(layer: LoraLayer, used: set[str] | None = None) -> AdapterStack | None:
@@ -103,8 +112,7 @@ def layer_stack(layer: LoraLayer, used: set[str] | None = None) -> AdapterStack 
         return None
     stack = layer.mixed_stack
     if stack is not None and stack.items == items:
-        check = [s for s, (name, _) in enumerate(items, 1) if used is None or name in used]
-        if all(stack.fingerprints[s] == _fingerprint(items[s - 1][1]) for s in check):
+        if all(_is_fresh(stack.watch[s]) for s, (name, _) in enumerate(items, 1) if used is None or name in used):
             return stack
     stack = _build_stack(layer, items)
     layer.mixed_stack = stack
@@ -114,7 +122,7 @@ def layer_stack(layer: LoraLayer, used: set[str] | None = None) -> AdapterStack 
 def _build_stack(layer: LoraLayer, items: tuple[tuple[str, LoraAdapter], ...]) -> AdapterStack:
     if layer.kind == "conv2d":
         raise MixedBatchError("per-row adapters support Linear, GPT-2 Conv1D and Embedding layers, not Conv2d")
-    fingerprints = [()] + [_fingerprint(a) for _, a in items]  # before reading the data: a racing write shows later
+    watch = [()] + [_watch(a) for _, a in items]  # before reading the data: a racing write shows up later
     in_f, out_f = layer_features(layer.base_layer, layer.kind)
     ranks = [0] + [a.lora_A.shape[0] for _, a in items]
     dtype = functools.reduce(torch.promote_types, [a.lora_A.dtype for _, a in items])
@@ -127,7 +135,7 @@ def _build_stack(layer: LoraLayer, items: tuple[tuple[str, LoraAdapter], ...]) -
             A[s, :, : ranks[s]] = a.lora_A.T
             B[s, : ranks[s]] = a.lora_B.T * a.scale
     slots = {name: s for s, (name, _) in enumerate(items, 1)}
-    return AdapterStack(items, slots, ranks, fingerprints, A, B)
+    return AdapterStack(items, slots, ranks, watch, A, B)
 
 
 def clear_stacks(model: nn.Module) -> None:
@@ -146,7 +154,9 @@ class RowPlan:
 
     def __init__(self, names: tuple[str | None, ...]):
         self.names = names
+        self.distinct = {n for n in names if n is not None}
         self._layers: dict[int, tuple[LoraLayer, AdapterStack | None, int | torch.Tensor]] = {}
+        self._cache: dict[tuple, object] = {}  # slot tensors and indices shared by layers with the same adapters
 
     def forward(self, layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
         entry = self._layers.get(id(layer))
@@ -156,19 +166,39 @@ class RowPlan:
         y = layer.base_layer(x)
         if isinstance(slots, int):
             return y if slots == 0 else _add_one(layer.kind, stack, slots, x, y)
-        return _add_rows(layer.kind, stack, _expand(slots, x, layer.kind), x, y)
+        rows = self._cached(("rows", id(slots), x.shape[0] if x.dim() else 0), lambda: _expand(slots, x, layer.kind))
+        if layer.kind == "embedding":
+            return _add_embedding_rows(stack, rows, x, y)
+        x3 = x.reshape(rows.shape[0], -1, x.shape[-1])
+        if x3.shape[1] > FEW_TOKENS:
+            return _add_rows(stack, rows, x3, y)
+        in_f, r = stack.A.shape[1:]
+        index = self._cached(("bags", id(rows), x3.shape[1], in_f, r), lambda: _bag_index(rows, x3.shape[1], in_f, r))
+        return _add_rows_in_place(stack, index, x3, y)
 
     def _prepare(self, layer: LoraLayer):
         if layer.merged:
             raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before running per-row adapters")
-        present = {n for n in self.names if n is not None and n in layer.adapters}
+        adapters = layer.adapters._modules
+        present = {n for n in self.distinct if n in adapters}
         if not present:  # no row's adapter reaches this layer: the base alone
             return layer, None, 0
         stack = layer_stack(layer, present)
         ids = [stack.slots.get(n, 0) if n is not None else 0 for n in self.names]
         if len(set(ids)) == 1:
             return layer, stack, ids[0]
-        return layer, stack, torch.tensor(ids, device=stack.A.device)
+        return layer, stack, self._cached(("slots", tuple(ids), stack.A.device), lambda: torch.tensor(ids, device=stack.A.device))
+
+    def _cached(self, key: tuple, make):
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = make()
+        return value
+
+
+# Up to this many tokens per row (decoding), each row's factors are read in place by embedding_bag; beyond,
+# gathering them once per row and running batched matrix products is faster (measured on CPU: crossover ~8-16).
+FEW_TOKENS = 8
 
 
 def _expand(slots: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -192,13 +222,35 @@ def _add_one(kind: str, stack: AdapterStack, s: int, x: torch.Tensor, y: torch.T
     return _add(y, t.reshape(-1, r), B)
 
 
-def _add_rows(kind: str, stack: AdapterStack, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Row i adds `(x_i · A[slot_i]) · B[slot_i]`: gather each row's factors, two batched products."""
+def _add_rows(stack: AdapterStack, slots: torch.Tensor, x3: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row i adds `(x_i · A[slot_i]) · B[slot_i]`: gather each row's factors, two batched products (BGMV)."""
+    t = torch.bmm(x3.to(stack.A.dtype), stack.A[slots])
+    return _add(y, t, stack.B[slots])
+
+
+def _add_rows_in_place(stack: AdapterStack, index: tuple[torch.Tensor, torch.Tensor], x3: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
+    """The same sum for few tokens per row, without copying any factor: token j of row i is a bag of the
+    rows `slot_i·in + k` of A (viewed as (slots·in, r)) weighted by x_ijk; then likewise through B."""
+    index_A, index_B = index
+    A, B = stack.A.view(-1, stack.A.shape[-1]), stack.B.view(-1, stack.B.shape[-1])
+    t = F.embedding_bag(index_A, A, per_sample_weights=x3.reshape(-1, x3.shape[-1]).to(A.dtype), mode="sum")
+    delta = F.embedding_bag(index_B, B, per_sample_weights=t, mode="sum").view(y.shape)
+    if y.dtype == delta.dtype and not torch.is_grad_enabled():
+        return y.add_(delta)
+    return y + delta.to(y.dtype)
+
+
+def _bag_index(slots: torch.Tensor, tokens: int, in_f: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (rows × tokens), the rows of the flattened A and B its row's slot owns."""
+    index_A = (slots[:, None] * in_f + torch.arange(in_f, device=slots.device)).repeat_interleave(tokens, 0)
+    index_B = (slots[:, None] * r + torch.arange(r, device=slots.device)).repeat_interleave(tokens, 0)
+    return index_A, index_B
+
+
+def _add_embedding_rows(stack: AdapterStack, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     n = slots.shape[0]
-    if kind == "embedding":
-        t = stack.A[slots.view(-1, *[1] * (x.dim() - 1)), x]  # (n, ..., r): each token's row of its adapter's Aᵀ
-    else:
-        t = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(stack.A.dtype), stack.A[slots])
+    t = stack.A[slots.view(-1, *[1] * (x.dim() - 1)), x]  # (n, ..., r): each token's row of its adapter's Aᵀ
     return _add(y, t.reshape(n, -1, t.shape[-1]), stack.B[slots])
 
 
