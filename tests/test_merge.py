@@ -73,6 +73,7 @@ def test_merge_and_unload_saves_a_plain_checkpoint(llama, llama_dir, tokens, tmp
     adapted = logits(llama, tokens)
     plain = lorakit.merge_and_unload(llama)
     assert not list(lora_layers(plain))
+    assert "forward" not in plain.__dict__ and "generate" not in plain.__dict__  # no adapter_names= wrapper left
     assert not any("lora" in k or "base_layer" in k for k in plain.state_dict())
     plain.save_pretrained(tmp_path)
     again = load(tmp_path)

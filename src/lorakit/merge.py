@@ -74,6 +74,9 @@ def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
     for name, wrapper in list(save_wrappers(model)):
         _set_submodule(model, name, wrapper.current() if keep_copies else wrapper.original_module)
     model.__dict__.pop("_lorakit_state", None)
+    from .serve.mixed import uninstall_adapter_names  # a plain model gets its plain forward/generate back
+
+    uninstall_adapter_names(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

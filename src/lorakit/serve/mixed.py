@@ -288,11 +288,8 @@ class AdapterNamesKeyword:
         rows = _batch_rows(args, kwargs)
         if rows is not None and rows != len(names):
             raise MixedBatchError(f"adapter_names has {len(names)} names for a batch of {rows} rows; pass one per row")
-        token = MIXED_ROWS.set(RowPlan(names))
-        try:
+        with adapter_rows(self.model, names):
             return fn(*args, **kwargs)
-        finally:
-            MIXED_ROWS.reset(token)
 
     @property
     def __signature__(self) -> inspect.Signature:
