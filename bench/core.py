@@ -5,9 +5,9 @@ PEFT on the same weights, plus the cost of merge, unmerge, save, load and switch
     python bench/core.py --threads 1,2 # the same at 1 and then 2 torch threads
     python bench/core.py --quick       # a tiny model, to check the script runs (~20 s)
 
-The default run takes about 6 minutes on an idle 2-core machine, twice that when other work shares the
-cores. Every measurement is the median of repeated runs taken in turn (A, B, C, C, B, A, ...), so the
-noise of a shared machine falls on every side alike; ratios are given by wall clock and by this
+The default run takes about 7 minutes on an idle 2-core machine, twice that when other work shares the
+cores. The variants run in turn (A, B, C, C, B, A, ...), so the noise of a shared machine falls on every
+side alike; a ratio is the median over rounds of the two neighbours' ratio, by wall clock and by this
 process's CPU time (which does not count waiting for a busy core). The output is markdown, ready for
 docs/benchmarks.md.
 """
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     # One thread by default: with two, each op can stall ~15 ms whenever the other core is busy.
     p.add_argument("--threads", default="1", help="comma-separated torch thread counts to measure, e.g. '1' or '1,2'")
-    p.add_argument("--train-reps", type=int, default=3, help="timed training steps per variant (after one warm-up)")
+    p.add_argument("--train-reps", type=int, default=5, help="timed training steps per variant (after one warm-up)")
     p.add_argument("--forward-reps", type=int, default=5, help="timed forward passes per variant (after one warm-up)")
     p.add_argument("--op-reps", type=int, default=5, help="timed merge/unmerge/save/load/switch calls")
     p.add_argument("--quick", action="store_true", help="a tiny model and few repetitions: checks the script, not the speed")
@@ -263,9 +263,14 @@ def operations(base, ours, peft, args, workdir: Path) -> list[tuple[str, Times, 
 # --- report --------------------------------------------------------------------------------------
 
 
+def paired_ratio(mine: list[float], ref: list[float]) -> float:
+    """Median over rounds of mine/ref: the two ran next to each other, so a slow spell hits both."""
+    return median([m / r for m, r in zip(mine, ref)])
+
+
 def ratio_row(what: str, mine: Times, ref: Times, target: str = "", limit: float | None = None) -> str:
     """One table row; with a limit, whether the wall-clock ratio and the CPU-time ratio are within it."""
-    wall, cpu = median(mine.wall) / median(ref.wall), median(mine.cpu) / median(ref.cpu)
+    wall, cpu = paired_ratio(mine.wall, ref.wall), paired_ratio(mine.cpu, ref.cpu)
     met = "" if limit is None else " / ".join("yes" if r <= limit else "**no**" for r in (wall, cpu))
     return (f"| {what} | {fmt_time(median(mine.wall))} {spread(mine.wall)} | {fmt_time(median(ref.wall))} {spread(ref.wall)} "
             f"| {wall:.3f}× | {cpu:.3f}× | {target} | {met} |")

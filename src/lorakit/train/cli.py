@@ -44,12 +44,14 @@ def add_parser(sub) -> None:
     p.add_argument("--packing", action="store_true", default=None, help="pack text rows into max-length blocks")
     p.add_argument("--eval-fraction", type=float)
     p.add_argument("--max-eval", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores; 1 is faster when other "
+                   "jobs share the cores, since a multi-threaded op waits for its slowest thread)")
     p.add_argument("--compare-base", action="store_true", default=None, help="also evaluate the base model first")
     p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "threads")}
     if flags.get("targets") and len(flags["targets"]) == 1:
         flags["targets"] = flags["targets"][0]  # one value: a name, a regex or "all-linear"
     if flags.get("max_grad_norm") == 0:
@@ -69,6 +71,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     from .loop import train
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = config_from_args(args)
     result = train(config)
     return 1 if result.progress.stopped_reason else 0
