@@ -101,3 +101,30 @@ def test_gaussian_init_and_unsupported_layer():
     assert a.lora_A.std().item() == pytest.approx(0.25, rel=0.5)
     with pytest.raises(TypeError, match="cannot wrap LayerNorm"):
         LoraLayer(nn.LayerNorm(8))
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_long_batches_fold_the_update_and_stay_exact(conv1d):
+    """Many rows take the folded-weight path (layers._fold_is_cheaper): same output and gradients as the formula,
+    and the base output bit for bit while B = 0."""
+    from lorakit.layers import _fold_is_cheaper
+
+    base = Conv1D(24, 16) if conv1d else nn.Linear(16, 24)
+    layer, a = make(base)
+    x = torch.randn(3, 50, 16, requires_grad=True)
+    assert _fold_is_cheaper(150, 24, base.weight, 4)  # this input really takes the fold path
+    with torch.no_grad():
+        assert torch.equal(layer(x), base(x))
+    assert torch.equal(layer(x), base(x))
+    nn.init.normal_(a.lora_B)
+    out = layer(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    got = [x.grad.clone(), a.lora_A.grad.clone(), a.lora_B.grad.clone()]
+    for t in (x, a.lora_A, a.lora_B):
+        t.grad = None
+    ref = base(x) + a.scale * (x @ a.lora_A.T @ a.lora_B.T)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ref.backward(g)
+    for mine, theirs in zip(got, [x.grad, a.lora_A.grad, a.lora_B.grad]):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
