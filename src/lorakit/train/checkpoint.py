@@ -21,8 +21,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..files import atomic_directory
-from ..io import _copy_checked, _strip_prefix, _LORA_KEY, read_adapter_tensors, save_adapter
-from ..inject import lora_layers, save_wrappers
+from ..io import _copy_tensors, _strip_prefix, read_adapter_tensors, save_adapter
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -113,26 +112,6 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str, optimizer, sched
 
 
 def load_adapter_weights(model: nn.Module, adapter: str, path: Path) -> None:
-    """Copy a saved adapter's tensors into the already-injected adapter `adapter` (same config)."""
-    tensors = _strip_prefix(read_adapter_tensors(path))
-    layers = dict(lora_layers(model))
-    wrappers = dict(save_wrappers(model))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            m = _LORA_KEY.match(key)
-            if m:
-                layer = layers.get(m.group("module"))
-                if layer is None or adapter not in layer.adapters:
-                    raise CheckpointError(f"{path}: {key} does not match this run's adapter; was --targets changed?")
-                a = layer.adapters[adapter]
-                _copy_checked(a.lora_A if m.group("factor").endswith("A") else a.lora_B, value, key, path)
-                continue
-            owner = next((w for w in wrappers if key.startswith(w + ".")), None)
-            if owner is not None:
-                target = dict(wrappers[owner].modules_to_save[adapter].named_parameters()).get(key[len(owner) + 1:])
-            else:
-                target = params.get(key)
-            if target is None:
-                raise CheckpointError(f"{path}: {key} matches nothing in this run's model")
-            _copy_checked(target, value, key, path)
+    """Copy a saved adapter's tensors into the already-injected adapter `adapter` (same config), with
+    io's checks: every tensor must fit the layer it names, and every adapted layer must be covered."""
+    _copy_tensors(model, adapter, _strip_prefix(read_adapter_tensors(path)), path)
