@@ -75,6 +75,11 @@ class LoraConfig:
         if self.task_type == "SEQ_CLS":  # as PEFT does: a new classification head must be trained in full
             self.modules_to_save = list(dict.fromkeys((self.modules_to_save or []) + ["classifier", "score"]))
 
+    @property
+    def method(self) -> str:
+        """Which adapter class this config builds (lorakit.variants.ADAPTERS)."""
+        return "lora"
+
     def rank_for(self, module_name: str) -> int:
         return int(_pattern_value(self.rank_pattern, module_name, self.r))
 

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..files import atomic_write_json, atomic_write_text
 from ..hf import load_base_model, load_tokenizer
 from ..inspect import effective_rank
-from ..inject import lora_layers
+from ..state import adapter_layers
 from . import data as data_mod
 from .checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -230,11 +230,8 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say) 
         progress.best_eval_loss, progress.best_step = metrics["eval_loss"], progress.step
         save_adapter(model, out / "best")
     save_adapter(model, out)
-    usage = []
-    for _, layer in lora_layers(model):
-        a = layer.adapters[ADAPTER]
-        delta = a.lora_B.detach().float().flatten(1) @ a.lora_A.detach().float().flatten(1)
-        usage.append((effective_rank(delta), a.rank))
+    with torch.no_grad():
+        usage = [(effective_rank(a.delta_weight(layer)), a.rank) for _, layer, a in adapter_layers(model, ADAPTER)]
     notes = diagnose(progress, count.trainable, count.total, usage)
     seconds = time.perf_counter() - t_start
     summary = {
