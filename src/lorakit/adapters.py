@@ -88,7 +88,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
         raise MergeStateError(f"adapter {adapter!r} is merged into the weights; call lorakit.unmerge(model) first")
     for _, layer in lora_layers(model):
         if adapter in layer.adapters:
-            del layer.adapters[adapter]
+            layer.remove_adapter(adapter)
     for _, wrapper in save_wrappers(model):
         if adapter in wrapper.modules_to_save:
             del wrapper.modules_to_save[adapter]

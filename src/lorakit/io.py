@@ -45,13 +45,14 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 # --- save ----------------------------------------------------------------------------------------
 
 
-def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, adapter: str, residual_form: bool = False) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names (`base_model.model.<module>.lora_A.weight`, ...)."""
     state = get_state(model)
     config = state.configs[adapter]
     tensors: dict[str, torch.Tensor] = dict(adapter_class(config).model_tensors(model, adapter))
     for name, layer, a in adapter_layers(model, adapter):
-        for suffix, t in a.peft_tensors(layer).items():
+        own = a.residual_tensors(layer) if residual_form and hasattr(a, "residual_tensors") else a.peft_tensors(layer)
+        for suffix, t in own.items():
             tensors[f"{PREFIX}{name}.{suffix}"] = t
         if config.bias != "none" and getattr(layer.base_layer, "bias", None) is not None:
             tensors[f"{PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
@@ -66,8 +67,14 @@ def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> Path:
-    """Write `adapter` (default: the first active one) to `path` in PEFT's format, each file atomically."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None,
+                 residual_form: bool = False) -> Path:
+    """Write `adapter` (default: the first active one) to `path` in PEFT's format, each file atomically.
+
+    The files apply to the untouched base. PiSSA/OLoRA adapters (whose base holds a residual) are therefore
+    written as the equivalent plain LoRA of rank 2r; `residual_form=True` writes them as they are instead
+    (PEFT's own form, which reloads by re-initialising from the same base: what checkpoints use).
+    """
     state = get_state(model)
     if state is None or not state.configs:
         raise AdapterFileError("the model has no LoRA adapter to save; call lorakit.inject(model, config) first")
@@ -78,7 +85,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     config = state.configs[adapter]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state_dict(model, adapter)
+    tensors = adapter_state_dict(model, adapter, residual_form)
+    if not residual_form:
+        config = adapter_class(config).saved_config(config)
     peft = config.to_peft_dict(target_modules=saved_target_modules(model, config, state.targets[adapter]))
     if peft["base_model_name_or_path"] is None:
         peft["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -382,7 +391,7 @@ def copy_adapter_tensors(model: nn.Module, adapter: str, files: AdapterFiles, te
                     f"{file} has {t.key!r}, but its config does not target {t.module!r}; the config and weights disagree"
                 )
             layer, a = layers[t.module]
-            load_checked(a.peft_tensors(layer)[t.name], value, t.key, file)
+            load_checked(a.load_targets(layer)[t.name], value, t.key, file)
             filled.add(t.module)
     if model_tensors:
         cls.load_model_tensors(model, adapter, model_tensors, file)

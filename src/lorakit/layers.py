@@ -168,6 +168,17 @@ class LoraAdapter(nn.Module):
         """This method's adapter for the base layer `name`, as `config` describes it."""
         return cls(base, ltype, config.rank_for(name), config.scale_for(name), config.dropout, config.init)
 
+    def attach(self, layer: "LoraLayer") -> None:
+        """Called once the adapter sits on `layer` (PiSSA/OLoRA move part of the base weight into it here)."""
+
+    def detach(self, layer: "LoraLayer") -> None:
+        """Called before the adapter leaves `layer`: give back what attach() took from the base."""
+
+    def base_part(self, layer: "LoraLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """The output of the part of W0 this adapter holds (PiSSA/OLoRA's s·B0·A0), added back whenever the
+        adapter is not running, so a disabled model or another adapter still sees the untouched base."""
+        return None
+
     # -- the contract --
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,8 +228,18 @@ class LoraAdapter(nn.Module):
         return _tensor_versions(self._parameters.values()) + (self.scale,)
 
     def peft_tensors(self, layer: "LoraLayer") -> dict[str, torch.Tensor]:
+        """The tensors to write, keyed by PEFT's names, for the untouched base."""
         name_A, name_B = layer.type.factor_names
         return {name_A: self.lora_A, name_B: self.lora_B}
+
+    def load_targets(self, layer: "LoraLayer") -> dict[str, torch.Tensor]:
+        """The tensors a file's tensors are copied into, by PEFT name (usually what peft_tensors returns)."""
+        return self.peft_tensors(layer)
+
+    @classmethod
+    def saved_config(cls, config):
+        """The config written next to `peft_tensors` (PiSSA/OLoRA's untouched-base form doubles the rank)."""
+        return config
 
     @classmethod
     def peft_names(cls, ltype: LayerType) -> tuple[str, ...]:
@@ -296,6 +317,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         # merge() keeps the untouched weight here so unmerge() is bit-exact (subtracting drifts).
         self.original_weight: torch.Tensor | None = None
+        self.base_parts: list[str] = []  # adapters that hold part of the base weight (PiSSA/OLoRA), see base_part()
         self.row_stack = None  # this layer's adapters stacked for per-row batches (cache of rows.py)
 
     @property
@@ -321,15 +343,27 @@ class LoraLayer(nn.Module):
     def add_adapter(self, name: str, r: int | None = None, scale: float | None = None, dropout: float = 0.0,
                     init: str = "kaiming", adapter: nn.Module | None = None) -> nn.Module:
         """Add a plain LoRA adapter of rank r, or an adapter object built elsewhere (a variant)."""
-        self.adapters[name] = adapter if adapter is not None else LoraAdapter(self.base_layer, self.type, r, scale,
-                                                                              dropout, init)
-        return self.adapters[name]
+        adapter = adapter if adapter is not None else LoraAdapter(self.base_layer, self.type, r, scale, dropout, init)
+        self.adapters[name] = adapter
+        adapter.attach(self)
+        if getattr(adapter, "holds_base_part", False):
+            self.base_parts.append(name)
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Take adapter `name` off this layer, giving back any part of the base weight it holds."""
+        self.adapters[name].detach(self)
+        del self.adapters[name]
+        if name in self.base_parts:
+            self.base_parts.remove(name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         plan = rows.current_plan()
         if plan is not None:
             return plan.forward(self, x)
         pending = self._pending_adapters()
+        if self.base_parts:
+            return self._forward_with_base_parts(x, pending, *args, **kwargs)
         if not pending:
             return self.base_layer(x, *args, **kwargs)
         if len(pending) == 1:
@@ -337,11 +371,28 @@ class LoraLayer(nn.Module):
             if y is not None:
                 return y
         y = self.base_layer(x, *args, **kwargs)
+        return self._add_outputs(x, y, pending)
+
+    def _add_outputs(self, x: torch.Tensor, y: torch.Tensor, pending: list[ActiveAdapter]) -> torch.Tensor:
         out = y
         for a in pending:  # each adapter's contribution is relative to the base output, weighted
             delta = self.adapters[a.name].output(self, x, y)
             out = out + (delta if a.weight == 1.0 else delta * a.weight).to(y.dtype)
         return out
+
+    def _forward_with_base_parts(self, x: torch.Tensor, pending: list[ActiveAdapter], *args, **kwargs) -> torch.Tensor:
+        """The base weight holds a residual (PiSSA/OLoRA): put back the parts its adapters hold, then add the
+        running adapters' changes to that whole base. Alone at full strength, such an adapter runs its own form."""
+        if len(pending) == 1 and self.base_parts == [pending[0].name]:
+            y = self.adapters[pending[0].name].fast_forward(self, x, pending[0].weight)
+            if y is not None:
+                return y
+        merged = {a.name for a in self.merged}  # a merged adapter's part is in the weight again
+        y = self.base_layer(x, *args, **kwargs)
+        for name in self.base_parts:
+            if name not in merged:
+                y = y + self.adapters[name].base_part(self, x).to(y.dtype)
+        return self._add_outputs(x, y, pending)
 
     def _pending_adapters(self) -> list[ActiveAdapter]:
         """Active adapters not already folded into the weight (lorakit.adapters refuses to change

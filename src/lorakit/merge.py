@@ -70,6 +70,9 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
 
 def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
     for name, layer in list(lora_layers(model)):
+        merged = {a.name for a in layer.merged}
+        for adapter in [n for n in layer.adapters if n not in merged]:
+            layer.remove_adapter(adapter)  # an unmerged PiSSA/OLoRA adapter gives back its part of the base
         replace_module(model, name, layer.base_layer)
     for name, wrapper in list(save_wrappers(model)):
         replace_module(model, name, wrapper.current() if keep_copies else wrapper.original_module)

@@ -159,6 +159,12 @@ class RowPlan:
     def _prepare(self, layer):
         if layer.merged:
             raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before running per-row adapters")
+        if layer.base_parts:
+            raise MixedBatchError(
+                f"adapter {layer.base_parts[0]!r} holds part of the base weight (PiSSA/OLoRA init), so rows without it "
+                "would not see the base; save it with lorakit.save_adapter (which writes a plain LoRA for the untouched "
+                "base) and load that for per-row batches"
+            )
         adapters = layer.adapters._modules
         present = {n for n in self.distinct if n in adapters}
         if not present:  # no row's adapter reaches this layer: the base alone

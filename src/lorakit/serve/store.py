@@ -37,6 +37,7 @@ from ..layers import layer_type
 from ..matching import base_of, logical_modules
 from ..rows import clear_stacks
 from ..state import adapter_layers
+from ..variants.pissa import is_residual_init
 
 
 class AdapterPathError(AdapterFileError, PermissionError):
@@ -335,6 +336,12 @@ class AdapterStore:
             modules = dict(logical_modules(self.model))
         files = check_adapter_files(path, modules=modules)
         config = files.config
+        if is_residual_init(getattr(config, "init", "")):
+            raise IncompatibleAdapterError(
+                f"adapter {str(path)!r} is a {config.init} adapter saved for a residual base (init_lora_weights="
+                f"{config.init!r}); loading it would rewrite the shared base. Convert it once: lorakit.load_adapter it "
+                "onto the base and lorakit.save_adapter it again (that writes the equivalent plain LoRA)"
+            )
         if config.modules_to_save or config.bias != "none":
             what = f"full copies of {config.modules_to_save}" if config.modules_to_save else f"biases (bias={config.bias!r})"
             raise IncompatibleAdapterError(

@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--targets", nargs="+", help="module names, a regex, or all-linear (default: per model family)")
     p.add_argument("--layers", type=int, nargs="+", dest="layers_to_transform", help="only these block indices")
     p.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
+    p.add_argument("--init", help="how A and B start: kaiming (default; B = 0), gaussian, pissa, pissa_niter_N (randomised "
+                   "SVD), olora; pissa/olora start from the base's principal directions (the base keeps the residual)")
     p.add_argument("--batch-size", type=int, help=f"rows per micro-batch per process (default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr:g})")

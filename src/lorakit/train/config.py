@@ -17,7 +17,7 @@ PRECISIONS = ("fp32", "bf16")
 # (which weights train, how they are saved and restored) to train/methods.py::METHODS.
 METHODS = ("lora", "full")
 # Settings that only mean something for an adapter: --method full refuses them.
-LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "lora_plus_ratio")
+LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "init", "lora_plus_ratio")
 
 
 @dataclass
@@ -34,6 +34,7 @@ class TrainConfig:
     targets: list[str] | str | None = None
     layers_to_transform: list[int] | None = None
     rslora: bool = False
+    init: str = "kaiming"  # kaiming | gaussian | pissa | pissa_niter_N | olora (LoraConfig.init)
     # optimisation
     max_steps: int = 100
     batch_size: int = 8

@@ -176,7 +176,8 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
         if config.eval_every and progress.step % config.eval_every == 0 and progress.step < config.max_steps:
             _evaluate_during(config, world, model, eval_set, pad_id, tokenizer, progress, out, bar)
         if config.save_every and progress.step % config.save_every == 0 and world.is_main:
-            save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints, method_for(config).save)
+            save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints,
+                            method_for(config).save_checkpoint_weights)
         if config.save_every and progress.step % config.save_every == 0:
             world.barrier()
     bar.close()

@@ -35,7 +35,7 @@ class LoraMethod:
 
     def lora_config(self, config: TrainConfig) -> LoraConfig:
         return LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets,
-                          layers_to_transform=config.layers_to_transform, rslora=config.rslora,
+                          layers_to_transform=config.layers_to_transform, rslora=config.rslora, init=config.init,
                           task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",
                           base_model_name_or_path=str(config.base))
 
@@ -48,6 +48,10 @@ class LoraMethod:
 
     def save(self, model: nn.Module, path: Path, tokenizer=None) -> None:
         save_adapter(model, path)
+
+    def save_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
+        # As trained (PiSSA/OLoRA: A and B for the residual base), so that restore() copies them back exactly.
+        save_adapter(model, path, residual_form=True)
 
     def restore(self, model: nn.Module, path: Path) -> None:
         load_adapter_weights(model, ADAPTER, path)
@@ -71,6 +75,9 @@ class FullMethod:
 
     def save(self, model: nn.Module, path: Path, tokenizer=None) -> None:
         save_full_model(model, path, tokenizer)
+
+    def save_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
+        save_full_model(model, path)
 
     def restore(self, model: nn.Module, path: Path) -> None:
         load_full_weights(model, path)

@@ -11,6 +11,7 @@ from typing import Any
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraAdapter
+from .pissa import ResidualInitAdapter, is_residual_init
 
 # config.method -> the adapter class built on every target layer
 ADAPTERS: dict[str, type] = {"lora": LoraAdapter}
@@ -19,6 +20,8 @@ CONFIGS: dict[str, type] = {"LORA": LoraConfig}
 
 
 def adapter_class(config) -> type:
+    if config.method == "lora" and is_residual_init(getattr(config, "init", "")):
+        return ResidualInitAdapter  # PiSSA / OLoRA: plain LoRA that starts from W0's principal part
     try:
         return ADAPTERS[config.method]
     except KeyError:
