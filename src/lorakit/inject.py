@@ -91,10 +91,12 @@ def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
             yield name, module
 
 
-def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default", activate: bool = True) -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default", activate: bool = True,
+           strict: bool = False) -> nn.Module:
     """Add adapter `adapter` to `model` in place: wrap the modules `config` targets and freeze the rest.
 
-    The adapter's B factors are zero, so the model's outputs do not change. Returns `model`.
+    The adapter's B factors are zero, so the model's outputs do not change. Returns `model`. A name in
+    `target_modules` that matches nothing is a warning, or an error with `strict=True`.
     """
     config = config or LoraConfig()
     if not isinstance(config, LoraConfig):
@@ -107,7 +109,7 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "d
     if config.target_modules is None:
         config = config.replace(target_modules=default_targets(model))
 
-    targets = match_targets(model, config)
+    targets = match_targets(model, config, strict=strict)
     for name in targets:
         layer = _wrap(model, name)
         layer.add_adapter(adapter, config.rank_for(name), config.scale_for(name), config.dropout, config.init)
@@ -138,8 +140,9 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
-def match_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Full names of the modules `config` puts LoRA on, in model order; errors if there are none."""
+def match_targets(model: nn.Module, config: LoraConfig, strict: bool = False) -> list[str]:
+    """Full names of the modules `config` puts LoRA on, in model order; errors if there are none (or, with
+    `strict`, if any name in a target list matches nothing: a typo would otherwise train the rest silently)."""
     matched, unsupported, named = [], [], []
     heads = _output_heads(model)
     for name, module in _logical_modules(model):
@@ -166,7 +169,10 @@ def match_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if isinstance(config.target_modules, list):
         unused = [t for t in config.target_modules if not any(_suffix_match(n, t) for n in named)]
         if unused:
-            warnings.warn(f"target_modules {unused} matched no module; candidates: {', '.join(candidate_names(model))}")
+            message = f"target_modules {unused} matched no module; candidates: {', '.join(candidate_names(model))}"
+            if strict:
+                raise TargetModulesNotFoundError(f"{message}. Correct or drop the unmatched name(s).")
+            warnings.warn(message)
     return [name for name, _ in matched]
 
 
