@@ -4,11 +4,12 @@ checkpoints every N steps, resume, evaluation, and the evidence at the end (metr
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,11 @@ from torch import nn
 from .. import LoraConfig, inject, save_adapter, trainable_parameters
 from ..errors import ConfigError
 from ..files import atomic_write_json, atomic_write_text
-from ..hf import load_base_model, load_tokenizer
+from ..hf import BUILTIN, load_base_model, load_tokenizer, resolve_base
 from ..inspect import effective_rank
-from ..inject import lora_layers
+from ..inject import get_state, lora_layers
 from . import data as data_mod
-from .checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import STEP_DIR, Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .diagnostics import diagnose
 from .distributed import World, close_world, init_world
@@ -31,6 +32,10 @@ from .loss import loss_fn
 from .plot import plot_losses
 
 ADAPTER = "default"
+# What a run writes into --out: --overwrite removes exactly these (and nothing else a user keeps there).
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.json",
+             "diagnostics.txt", "loss.png")
+RUN_DIRS = ("best", "checkpoints")
 
 
 @dataclass
@@ -55,22 +60,35 @@ def train(config: TrainConfig, world: World | None = None) -> TrainResult:
 
 def _train(config: TrainConfig, world: World) -> TrainResult:
     t_start = time.perf_counter()
+    builtin_base = config.base in (None, BUILTIN)
+    config = _resolve_paths(config)  # before anything loads: a wrong --base or --data fails here, by name
     out = Path(config.out)
-    _check_out_dir(out, config.resume)
+    _check_out_dir(out, config)
     _seed_everything(config.seed)
     say = print if world.is_main else (lambda *a, **k: None)
 
     tokenizer = load_tokenizer(config.base)
-    train_set, eval_set = _load_data(config, tokenizer)
+    train_set, eval_set, skipped = _load_data(config, tokenizer, say)
+    config = _steps_from_epochs(config, len(train_set), world, say)
+    _check_resume_step(out, config)
     model = _load_model(config, train_set.label_names, world)
     lora = LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets,
                       layers_to_transform=config.layers_to_transform, rslora=config.rslora,
                       task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",
                       base_model_name_or_path=str(config.base))
-    inject(model, lora, adapter=ADAPTER)
+    inject(model, lora, adapter=ADAPTER, strict=True)  # a mistyped --targets name is an error, not a warning
+    config = dataclasses.replace(config, targets=get_state(model).configs[ADAPTER].target_modules)
+    say(_describe_targets(get_state(model).targets[ADAPTER], config, lora.target_modules is None))
     count = trainable_parameters(model, verbose=world.is_main)
     if count.trainable == 0:
         raise ConfigError("no parameter is trainable after injection; check --targets")
+    if world.is_main:
+        if config.overwrite:
+            _remove_run(out)  # only now: a run that fails to start leaves the old one as it was
+        # Written first, so that `--resume` finds the run's settings even if it is killed before the end.
+        atomic_write_json(out / "train_config.json", {**config.to_dict(), "resume": False, "overwrite": False,
+                                                      "adapted_modules": get_state(model).targets[ADAPTER]})
+    world.barrier()
 
     pad_id = tokenizer.pad_token_id
     before = None
@@ -85,12 +103,10 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     progress = Progress()
-    if config.resume and list_checkpoints(out):
+    if config.resume:  # _check_out_dir made sure there is a checkpoint
         last = list_checkpoints(out)[-1]
         progress = load_checkpoint(last, model, ADAPTER, optimizer, scheduler)
         say(f"resumed from {last} (step {progress.step})")
-    elif config.resume:
-        say(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
 
     run_model = model
     if world.size > 1:
@@ -112,7 +128,8 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     if world.is_main:
         with torch.random.fork_rng():
             metrics = evaluate(model, eval_set, config.task, pad_id, tokenizer=tokenizer, exact_match=config.exact_match)
-        result = _finish(config, out, model, progress, metrics, before, count, t_start, say)
+        result = _finish(config, out, model, progress, metrics, before, count, t_start, say, skipped)
+        say(f"base model: {config.base}" + (f" (--base {BUILTIN})" if builtin_base else ""))
     else:
         result = TrainResult(out, progress, metrics, [], time.perf_counter() - t_start)
     world.barrier()
@@ -183,6 +200,10 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
         if config.save_every and progress.step % config.save_every == 0:
             world.barrier()
     bar.close()
+    # Always end with a checkpoint, so a finished run can be continued (--resume with a larger --max-steps).
+    if world.is_main and progress.step > 0 and not any(p.name == f"step-{progress.step:06d}" for p in list_checkpoints(out)):
+        save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints)
+    world.barrier()
 
 
 def _next_micro_batch(progress: Progress, dataset, config: TrainConfig, world: World, rows_per_micro: int):
@@ -223,7 +244,7 @@ def _evaluate_during(config, world, model, eval_set, pad_id, tokenizer, progress
     bar.write(f"step {progress.step}: " + _fmt(metrics))
 
 
-def _finish(config, out, model, progress, metrics, before, count, t_start, say) -> TrainResult:
+def _finish(config, out, model, progress, metrics, before, count, t_start, say, skipped=()) -> TrainResult:
     metrics = {**metrics, "step": progress.step}
     progress.eval_metrics.append(metrics)
     if progress.best_eval_loss is None or metrics["eval_loss"] <= progress.best_eval_loss:
@@ -236,6 +257,10 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say) 
         delta = a.lora_B.detach().float().flatten(1) @ a.lora_A.detach().float().flatten(1)
         usage.append((effective_rank(delta), a.rank))
     notes = diagnose(progress, count.trainable, count.total, usage)
+    if skipped:
+        notes.insert(0, f"Skipped {len(skipped)} bad data row(s) (--skip-bad-rows): " + "; ".join(skipped[:data_mod.SHOWN_BAD_ROWS])
+                     + (f"; ... and {len(skipped) - data_mod.SHOWN_BAD_ROWS} more (all in metrics.json)"
+                        if len(skipped) > data_mod.SHOWN_BAD_ROWS else ""))
     seconds = time.perf_counter() - t_start
     summary = {
         "config": config.to_dict(),
@@ -252,9 +277,9 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say) 
         "eval": progress.eval_metrics,
         "diagnostics": notes,
         "stopped_reason": progress.stopped_reason,
+        "skipped_rows": {"count": len(skipped), "rows": list(skipped)},
     }
     atomic_write_json(out / "metrics.json", summary)
-    atomic_write_json(out / "train_config.json", config.to_dict())
     atomic_write_text(out / "diagnostics.txt", "\n".join(notes) + ("\n" if notes else "no problems found\n"))
     plot = plot_losses(progress, out / "loss.png")
     say("final: " + _fmt(metrics))
@@ -262,8 +287,18 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say) 
         say(_comparison(before, metrics))
     for note in notes:
         say("diagnostic: " + note)
-    say(f"adapter, metrics.json{', loss.png' if plot else ''} and checkpoints in {out} ({seconds:.0f}s)")
+    say(_written(out, progress, plot is not None, seconds))
     return TrainResult(out, progress, metrics, notes, seconds)
+
+
+def _written(out: Path, progress: Progress, plot: bool, seconds: float) -> str:
+    """Exactly what the run left in `out`."""
+    parts = ["adapter (PEFT format)", f"best/ (step {progress.best_step})"]
+    checkpoints = [p.name for p in list_checkpoints(out)]
+    if checkpoints:
+        parts.append(f"checkpoints/{{{','.join(checkpoints)}}} (continue with --resume and a larger --max-steps)")
+    parts += ["metrics.json", *(["loss.png"] if plot else []), "diagnostics.txt", "train_config.json"]
+    return f"wrote to {out}: {', '.join(parts)} ({seconds:.0f}s)"
 
 
 def _comparison(before: dict, after: dict) -> str:
@@ -278,10 +313,63 @@ def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
-def _check_out_dir(out: Path, resume: bool) -> None:
-    if not resume and list_checkpoints(out):
-        raise ConfigError(f"{out} already holds a run ({list_checkpoints(out)[-1].name}); pass --resume to continue "
-                          "it, or choose another --out (nothing was overwritten)")
+def _resolve_paths(config: TrainConfig) -> TrainConfig:
+    """The base checked (`builtin` -> its directory) and data paths made absolute, as train_config.json records them."""
+    base = resolve_base(config.base or BUILTIN, tokenizer=True)
+    paths = {k: str(Path(getattr(config, k)).absolute()) for k in ("data", "eval_data") if getattr(config, k)}
+    return dataclasses.replace(config, base=str(base.absolute()), **paths)
+
+
+def _check_out_dir(out: Path, config: TrainConfig) -> None:
+    """Never retrain silently over a run: writing into it needs --resume (continue) or --overwrite (replace)."""
+    checkpoints = list_checkpoints(out)
+    has_adapter = (out / "adapter_config.json").exists()
+    if config.resume and not checkpoints:
+        where = (f"{out} holds an adapter but no checkpoint to continue from" if has_adapter
+                 else f"there is no checkpoint in {out / 'checkpoints'}")
+        raise ConfigError(f"--resume: nothing to resume, {where}. Drop --resume to start a new run"
+                          + (" (with --overwrite to replace this one)" if has_adapter else "") + "; nothing was changed")
+    if (checkpoints or has_adapter) and not config.resume and not config.overwrite:
+        held = f"checkpoints up to {checkpoints[-1].name}" if checkpoints else "an adapter"
+        raise ConfigError(f"{out} already holds a run ({held}); pass --resume to continue it (e.g. with a larger "
+                          "--max-steps), --overwrite to replace it, or choose another --out; nothing was changed")
+
+
+def _check_resume_step(out: Path, config: TrainConfig) -> None:
+    if not config.resume:
+        return
+    step = int(STEP_DIR.match(list_checkpoints(out)[-1].name).group(1))
+    if step >= config.max_steps:
+        raise ConfigError(f"--resume: the run in {out} is at step {step} already and --max-steps is {config.max_steps}; "
+                          "pass a larger --max-steps (or --epochs) to train further; nothing was changed")
+
+
+def _remove_run(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def _steps_from_epochs(config: TrainConfig, rows: int, world: World, say) -> TrainConfig:
+    """--epochs N: the optimizer steps that N passes over the training rows take (a partial last batch is dropped)."""
+    if config.epochs is None:
+        return config
+    per_step = config.batch_size * world.size * config.grad_accum
+    steps = max(1, math.ceil(config.epochs * (rows // (config.batch_size * world.size)) / config.grad_accum))
+    say(f"--epochs {config.epochs:g}: {steps} optimizer steps ({rows} training rows, {per_step} per step)")
+    return dataclasses.replace(config, max_steps=steps)
+
+
+def _describe_targets(adapted: list[str], config: TrainConfig, defaulted: bool) -> str:
+    counts: dict[str, int] = {}
+    for name in adapted:
+        leaf = name.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    modules = ", ".join(f"{leaf} x{n}" for leaf, n in counts.items())
+    targets = config.targets if isinstance(config.targets, str) else ", ".join(config.targets)
+    why = " (this model family's default; choose with --targets)" if defaulted else ""
+    return f"LoRA targets: {targets}{why} -> {len(adapted)} modules: {modules}"
 
 
 def _seed_everything(seed: int) -> None:
@@ -290,17 +378,36 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_data(config: TrainConfig, tokenizer):
-    if config.task == "causal-lm":
-        ds = data_mod.load_causal_lm(config.data, tokenizer, config.max_length)
+def _load_data(config: TrainConfig, tokenizer, say):
+    """Train and eval splits, and the bad rows skipped (`file:line: problem`; any is an error without --skip-bad-rows)."""
+    def load(path, label_names=None):
+        if config.task == "causal-lm":
+            return data_mod.load_causal_lm(path, tokenizer, config.max_length, config.skip_bad_rows, config.chat_template)
+        return data_mod.load_classification(path, tokenizer, config.max_length, label_names, config.skip_bad_rows)
+
+    ds = load(config.data)
+    loaded = [ds]
+    if config.eval_data:
+        train_set, eval_set = ds, load(config.eval_data, ds.label_names or None)
+        loaded.append(eval_set)
+        if config.max_eval is not None and len(eval_set) > config.max_eval:
+            say(f"evaluating on the first {config.max_eval} of {len(eval_set)} rows of {config.eval_data} (--max-eval)")
+            eval_set.examples = eval_set.examples[: config.max_eval]
     else:
-        ds = data_mod.load_classification(config.data, tokenizer, config.max_length)
-    train_set, eval_set = data_mod.split(ds, config.eval_fraction, config.seed, config.max_eval)
+        train_set, eval_set = data_mod.split(ds, config.eval_fraction, config.seed, config.max_eval)
     if config.packing and config.task == "causal-lm":
         train_set.examples = data_mod.pack(train_set.examples, config.max_length)
     if not eval_set.examples:
         eval_set = data_mod.Dataset(train_set.examples[: min(len(train_set), 32)], train_set.label_names, ds.path)
-    return train_set, eval_set
+    skipped = []
+    for d in loaded:
+        formats = ", ".join(f"{n} {kind}" for kind, n in d.formats.items())
+        say(f"data: {d.path}: {formats} row(s)" + (f"; skipped {len(d.bad_rows)} bad row(s):" if d.bad_rows else ""))
+        if d.bad_rows:
+            say(data_mod.describe_bad_rows(d.path, d.bad_rows))
+        skipped += [f"{d.path}:{n}: {p}" for n, p in d.bad_rows]
+    say(f"{len(train_set)} training and {len(eval_set)} held-out examples")
+    return train_set, eval_set, skipped
 
 
 def _load_model(config: TrainConfig, label_names: list[str], world: World) -> nn.Module:
