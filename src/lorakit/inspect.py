@@ -33,6 +33,7 @@ class AdapterReport:
     file_bytes: int
     dtypes: list[str]
     layers: list[LayerReport] = field(default_factory=list)
+    num_layers: int = 0  # adapted modules, also known when the per-layer SVD is skipped
 
     def format(self) -> str:
         lines = [
@@ -42,7 +43,7 @@ class AdapterReport:
             f"rank r         {self.r}",
             f"alpha          {self.alpha:g}  (scale {self.scale:g}{', rsLoRA' if self.rslora else ''})",
             f"targets        {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}",
-            f"layers         {len(self.layers)}",
+            f"layers         {self.num_layers}",
             f"parameters     {self.num_parameters:,}",
             f"file size      {_human(self.file_bytes)}  ({', '.join(self.dtypes)})",
         ]
@@ -63,7 +64,7 @@ def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterR
             factors.setdefault(m.group("module"), {})[m.group("factor")[-1]] = value
     layers = []
     if per_layer:
-        for module, ab in sorted(factors.items()):
+        for module, ab in sorted(factors.items(), key=lambda item: _natural(item[0])):
             if "A" in ab and "B" in ab:
                 delta = ab["B"].float().flatten(1) @ ab["A"].float().flatten(1)
                 layers.append(_layer_report(module, delta, ab["A"].shape[0]))
@@ -73,6 +74,7 @@ def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterR
         num_parameters=sum(t.numel() for t in tensors.values()),
         file_bytes=(path / WEIGHTS_NAME).stat().st_size + (path / CONFIG_NAME).stat().st_size,
         dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}), layers=layers,
+        num_layers=len(factors),
     )
 
 
@@ -88,6 +90,11 @@ def effective_rank(delta: torch.Tensor, energy: float = 0.9) -> int:
 
 def _layer_report(module: str, delta: torch.Tensor, rank: int) -> LayerReport:
     return LayerReport(module, rank, effective_rank(delta), float(delta.norm()))
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def _human(n: int) -> str:
