@@ -23,6 +23,7 @@ from ..hf import BUILTIN, load_base_model, load_tokenizer, resolve_base
 from ..inspect import effective_rank
 from ..inject import get_state, lora_layers
 from . import data as data_mod
+from .builtin import model_path
 from .checkpoint import STEP_DIR, Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .diagnostics import diagnose
@@ -60,7 +61,6 @@ def train(config: TrainConfig, world: World | None = None) -> TrainResult:
 
 def _train(config: TrainConfig, world: World) -> TrainResult:
     t_start = time.perf_counter()
-    builtin_base = config.base in (None, BUILTIN)
     config = _resolve_paths(config)  # before anything loads: a wrong --base or --data fails here, by name
     out = Path(config.out)
     _check_out_dir(out, config)
@@ -129,7 +129,7 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
         with torch.random.fork_rng():
             metrics = evaluate(model, eval_set, config.task, pad_id, tokenizer=tokenizer, exact_match=config.exact_match)
         result = _finish(config, out, model, progress, metrics, before, count, t_start, say, skipped)
-        say(f"base model: {config.base}" + (f" (--base {BUILTIN})" if builtin_base else ""))
+        say(f"base model: {config.base}" + (f" (--base {BUILTIN})" if Path(config.base) == model_path() else ""))
     else:
         result = TrainResult(out, progress, metrics, [], time.perf_counter() - t_start)
     world.barrier()
