@@ -37,7 +37,7 @@ def test_train_on_chat_rows_then_generate_with_chat(cli, chat_lm_dir, tmp_path):
     rows = write_jsonl(tmp_path / "chat.jsonl", chat_rows(40))
     code, out, _ = cli("train", "--base", chat_lm_dir, "--data", rows, "--out", tmp_path / "run", "--max-steps", "2",
                        "--batch-size", "8", "--targets", "all-linear")
-    assert code == 0 and f"data: {rows}: 40 messages row(s)" in out
+    assert code == 0 and f"data: {rows}: 40 messages (chat template) row(s)" in out
     code, out, _ = cli("generate", "--base", chat_lm_dir, "--adapter", tmp_path / "run", "--prompt", "w: a\nc:",
                        "--chat", "--max-new-tokens", "4", "--threads", "1")
     assert code == 0

@@ -59,6 +59,11 @@ def test_builtin_names_the_cached_directory_everywhere(cli, lm_dir, tmp_path, mo
     assert resolve_base("builtin", tokenizer=True) == lm_dir
     code, out, _ = cli("generate", "--base", "builtin", "--prompt", "ab", "--max-new-tokens", "2")
     assert code == 0 and out.startswith("--- [base] 'ab'\n")
+    model = load(lm_dir)
+    lorakit.inject(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert cli("merge", "--base", "builtin", "--adapter", tmp_path / "a", "--out", tmp_path / "m")[0] == 0
+    assert (tmp_path / "m" / "tokenizer.json").exists()
 
 
 def test_stored_dtype_reads_the_weight_files_not_the_config(llama_dir, tmp_path):

@@ -129,7 +129,8 @@ def test_conversational_prompt_completion_and_chat_template_flag_give_the_same_t
     rows = [{"messages": CONVERSATION[1:3]}, {"prompt": CONVERSATION[1:2], "completion": CONVERSATION[2:3]},
             {"prompt": "hi", "completion": "yo"}]
     ds = data.load_causal_lm(write_jsonl(tmp_path / "a.jsonl", rows), tok, chat_template=True)
-    assert ds.formats == {"messages": 3}
+    assert ds.formats == {"messages (chat template)": 1, "conversational prompt/completion (chat template)": 1,
+                          "prompt/completion (chat template)": 1}
     assert all(e.input_ids == ds.examples[0].input_ids and e.labels == ds.examples[0].labels for e in ds.examples)
     plain = data.load_causal_lm(write_jsonl(tmp_path / "b.jsonl", rows[2:]), tok).examples[0]
     assert plain.input_ids != ds.examples[0].input_ids  # without the flag: plain text, no template

@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LORAKIT_API_KEY; none if unset)")
-    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429 (default: %(default)s)")
     p.add_argument("--max-loaded", "--max-loras", dest="max_loaded", type=int, default=None,
                    help="adapters kept loaded at most (LRU eviction)")
     p.add_argument("--max-lora-rank", type=int, default=None, help="refuse adapters of a higher rank")

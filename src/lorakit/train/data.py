@@ -47,7 +47,7 @@ class Dataset:
     label_names: list[str] = field(default_factory=list)  # classify only
     path: str = ""
     bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (line, problem), skipped on request
-    formats: dict[str, int] = field(default_factory=dict)  # row format -> rows, e.g. {"messages": 80}
+    formats: dict[str, int] = field(default_factory=dict)  # row format -> rows, e.g. {"messages (chat template)": 80}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -85,7 +85,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, st
 
 
 def _causal_parts(row: dict[str, Any], chat_template: bool) -> tuple[str, list[dict[str, str]], int] | tuple[str, str, str] | str:
-    """("messages", messages, first trained message) for rows that go through the chat template,
+    """(format, messages, first trained message) for rows that go through the chat template,
     (format, prompt, completion) for plain text, or a problem description."""
     def text(key):
         v = row.get(key)
@@ -93,10 +93,11 @@ def _causal_parts(row: dict[str, Any], chat_template: bool) -> tuple[str, list[d
 
     if "messages" in row:
         messages = chat.check_messages(row["messages"])
-        return messages if isinstance(messages, str) else ("messages", messages, 0)
+        return messages if isinstance(messages, str) else ("messages (chat template)", messages, 0)
     if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
         messages = chat.check_messages(row["prompt"] + row["completion"])
-        return messages if isinstance(messages, str) else ("messages", messages, len(row["prompt"]))
+        kind = "conversational prompt/completion (chat template)"
+        return messages if isinstance(messages, str) else (kind, messages, len(row["prompt"]))
     if text("prompt") is not None and text("completion") is not None:
         prompt, completion, kind = row["prompt"], row["completion"], "prompt/completion"
     elif text("instruction") is not None and text("output") is not None:
@@ -112,7 +113,8 @@ def _causal_parts(row: dict[str, Any], chat_template: bool) -> tuple[str, list[d
         return ("needs 'messages', a 'text' field, 'prompt' and 'completion', or 'instruction' and 'output' "
                 "(strings)")
     if chat_template:
-        return "messages", [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], 0
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return f"{kind} (chat template)", turns, 0
     return kind, prompt, completion
 
 
@@ -129,8 +131,9 @@ def load_causal_lm(path: str | Path, tokenizer, max_length: int = 512, skip_bad_
         if isinstance(parts, str):
             bad.append((lineno, parts))
             continue
+        kind, *rest = parts
         try:
-            encoded = _encode_chat(tokenizer, *parts[1:]) if parts[0] == "messages" else _encode_text(tokenizer, *parts[1:], eos)
+            encoded = _encode_chat(tokenizer, *rest) if isinstance(rest[0], list) else _encode_text(tokenizer, *rest, eos)
         except ChatTemplateError as e:
             bad.append((lineno, str(e)))
             continue
@@ -143,7 +146,7 @@ def load_causal_lm(path: str | Path, tokenizer, max_length: int = 512, skip_bad_
             bad.append((lineno, f"the prompt is longer than max_length={max_length}: nothing left to learn "
                                 "(raise --max-length)"))
             continue
-        formats[parts[0]] += 1
+        formats[kind] += 1
         examples.append(Example(ids, labels, lineno, prompt, completion))
     return _finish(path, examples, bad, skip_bad_rows, dict(formats))
 
