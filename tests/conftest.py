@@ -152,6 +152,18 @@ def chat_lm_dir(tmp_path_factory, lm_dir):
     return path
 
 
+@pytest.fixture
+def builtin_cache(lm_dir, tmp_path, monkeypatch):
+    """`--base builtin` finds the tiny `lm_dir` already "converted" in a fresh cache: no model loads from the wheel."""
+    from lorakit.train import builtin
+
+    monkeypatch.setenv(builtin.CACHE_ENV, str(tmp_path / "cache"))
+    path = builtin.model_path()
+    path.parent.mkdir()
+    path.symlink_to(lm_dir, target_is_directory=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def cls_dir(tmp_path_factory):
     from transformers import BertForSequenceClassification

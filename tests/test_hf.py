@@ -52,11 +52,8 @@ def test_a_base_without_tokenizer_is_refused_where_one_is_needed(cli, llama_dir,
         resolve_base(tmp_path)
 
 
-def test_builtin_names_the_cached_directory_everywhere(cli, lm_dir, tmp_path, monkeypatch):
-    from lorakit.train import builtin
-
-    monkeypatch.setattr(builtin, "default_model_dir", lambda: lm_dir)  # no conversion in tests
-    assert resolve_base("builtin", tokenizer=True) == lm_dir
+def test_builtin_names_the_cached_directory_everywhere(cli, lm_dir, tmp_path, builtin_cache):
+    assert resolve_base("builtin", tokenizer=True) == builtin_cache
     code, out, _ = cli("generate", "--base", "builtin", "--prompt", "ab", "--max-new-tokens", "2")
     assert code == 0 and out.startswith("--- [base] 'ab'\n")
     model = load(lm_dir)

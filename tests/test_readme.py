@@ -6,12 +6,9 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_library_snippet_runs_as_written(lm_dir, tmp_path, monkeypatch, capsys):
-    from lorakit.train import builtin
-
+def test_library_snippet_runs_as_written(builtin_cache, tmp_path, monkeypatch, capsys):
     text = README.read_text()
     snippet = re.search(r"## The library in one screen\n\n```python\n(.*?)```", text, re.S).group(1)
-    monkeypatch.setattr(builtin, "default_model_dir", lambda: lm_dir)  # no conversion in tests
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "README.md", "exec"), {})
     assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+\n", capsys.readouterr().out)

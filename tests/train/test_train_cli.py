@@ -115,15 +115,12 @@ def test_epochs_and_a_held_out_file(cli, lm_dir, letters, tmp_path):
     assert code == 2 and "pass one of them" in err
 
 
-def test_builtin_is_the_default_base_and_train_help_names_its_directory(cli, lm_dir, letters, tmp_path, monkeypatch):
-    from lorakit.train import builtin
-
-    monkeypatch.setenv(builtin.CACHE_ENV, str(tmp_path / "cache"))
+def test_builtin_is_the_default_base_and_train_help_names_its_directory(cli, letters, tmp_path, builtin_cache,
+                                                                          monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help lines at hyphens too
     code, out, _ = cli("train", "--help")
-    assert code == 0 and str(tmp_path / "cache" / builtin.MODEL_DIRNAME) in out
-    monkeypatch.setattr(builtin, "default_model_dir", lambda: lm_dir)  # no conversion in tests
+    assert code == 0 and f"converted once into {builtin_cache}" in out
     code, out, _ = cli("train", "--data", letters, "--out", tmp_path / "run", *STEPS)
-    assert code == 0 and out.strip().splitlines()[-1] == f"base model: {lm_dir} (--base builtin)"
+    assert code == 0 and out.strip().splitlines()[-1] == f"base model: {builtin_cache} (--base builtin)"
     code, out, _ = cli("train", "--base", "builtin", "--data", letters, "--out", tmp_path / "run2", *STEPS)
-    assert code == 0 and out.strip().splitlines()[-1] == f"base model: {lm_dir} (--base builtin)"
+    assert code == 0 and out.strip().splitlines()[-1] == f"base model: {builtin_cache} (--base builtin)"

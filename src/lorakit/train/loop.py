@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +23,16 @@ from ..inspect import effective_rank
 from ..inject import get_state, lora_layers
 from . import data as data_mod
 from .builtin import model_path
-from .checkpoint import STEP_DIR, Progress, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .diagnostics import diagnose
 from .distributed import World, close_world, init_world
 from .evaluate import evaluate
 from .loss import loss_fn
 from .plot import plot_losses
+from .run_dir import check_out_dir, check_resume_step, remove_run, written
 
 ADAPTER = "default"
-# What a run writes into --out: --overwrite removes exactly these (and nothing else a user keeps there).
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.json",
-             "diagnostics.txt", "loss.png")
-RUN_DIRS = ("best", "checkpoints")
-
 
 @dataclass
 class TrainResult:
@@ -63,14 +58,15 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     t_start = time.perf_counter()
     config = _resolve_paths(config)  # before anything loads: a wrong --base or --data fails here, by name
     out = Path(config.out)
-    _check_out_dir(out, config)
+    check_out_dir(out, config.resume, config.overwrite)
     _seed_everything(config.seed)
     say = print if world.is_main else (lambda *a, **k: None)
 
     tokenizer = load_tokenizer(config.base)
     train_set, eval_set, skipped = _load_data(config, tokenizer, say)
     config = _steps_from_epochs(config, len(train_set), world, say)
-    _check_resume_step(out, config)
+    if config.resume:
+        check_resume_step(out, config.max_steps)
     model = _load_model(config, train_set.label_names, world)
     lora = LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets,
                       layers_to_transform=config.layers_to_transform, rslora=config.rslora,
@@ -84,7 +80,7 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
         raise ConfigError("no parameter is trainable after injection; check --targets")
     if world.is_main:
         if config.overwrite:
-            _remove_run(out)  # only now: a run that fails to start leaves the old one as it was
+            remove_run(out)  # only now: a run that fails to start leaves the old one as it was
         # Written first, so that `--resume` finds the run's settings even if it is killed before the end.
         atomic_write_json(out / "train_config.json", {**config.to_dict(), "resume": False, "overwrite": False,
                                                       "adapted_modules": get_state(model).targets[ADAPTER]})
@@ -103,7 +99,7 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     progress = Progress()
-    if config.resume:  # _check_out_dir made sure there is a checkpoint
+    if config.resume:  # check_out_dir made sure there is a checkpoint
         last = list_checkpoints(out)[-1]
         progress = load_checkpoint(last, model, ADAPTER, optimizer, scheduler)
         say(f"resumed from {last} (step {progress.step})")
@@ -287,18 +283,8 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         say(_comparison(before, metrics))
     for note in notes:
         say("diagnostic: " + note)
-    say(_written(out, progress, plot is not None, seconds))
+    say(written(out, progress.best_step, plot is not None, seconds))
     return TrainResult(out, progress, metrics, notes, seconds)
-
-
-def _written(out: Path, progress: Progress, plot: bool, seconds: float) -> str:
-    """Exactly what the run left in `out`."""
-    parts = ["adapter (PEFT format)", f"best/ (step {progress.best_step})"]
-    checkpoints = [p.name for p in list_checkpoints(out)]
-    if checkpoints:
-        parts.append(f"checkpoints/{{{','.join(checkpoints)}}} (continue with --resume and a larger --max-steps)")
-    parts += ["metrics.json", *(["loss.png"] if plot else []), "diagnostics.txt", "train_config.json"]
-    return f"wrote to {out}: {', '.join(parts)} ({seconds:.0f}s)"
 
 
 def _comparison(before: dict, after: dict) -> str:
@@ -318,37 +304,6 @@ def _resolve_paths(config: TrainConfig) -> TrainConfig:
     base = resolve_base(config.base or BUILTIN, tokenizer=True)
     paths = {k: str(Path(getattr(config, k)).absolute()) for k in ("data", "eval_data") if getattr(config, k)}
     return dataclasses.replace(config, base=str(base.absolute()), **paths)
-
-
-def _check_out_dir(out: Path, config: TrainConfig) -> None:
-    """Never retrain silently over a run: writing into it needs --resume (continue) or --overwrite (replace)."""
-    checkpoints = list_checkpoints(out)
-    has_adapter = (out / "adapter_config.json").exists()
-    if config.resume and not checkpoints:
-        where = (f"{out} holds an adapter but no checkpoint to continue from" if has_adapter
-                 else f"there is no checkpoint in {out / 'checkpoints'}")
-        raise ConfigError(f"--resume: nothing to resume, {where}. Drop --resume to start a new run"
-                          + (" (with --overwrite to replace this one)" if has_adapter else "") + "; nothing was changed")
-    if (checkpoints or has_adapter) and not config.resume and not config.overwrite:
-        held = f"checkpoints up to {checkpoints[-1].name}" if checkpoints else "an adapter"
-        raise ConfigError(f"{out} already holds a run ({held}); pass --resume to continue it (e.g. with a larger "
-                          "--max-steps), --overwrite to replace it, or choose another --out; nothing was changed")
-
-
-def _check_resume_step(out: Path, config: TrainConfig) -> None:
-    if not config.resume:
-        return
-    step = int(STEP_DIR.match(list_checkpoints(out)[-1].name).group(1))
-    if step >= config.max_steps:
-        raise ConfigError(f"--resume: the run in {out} is at step {step} already and --max-steps is {config.max_steps}; "
-                          "pass a larger --max-steps (or --epochs) to train further; nothing was changed")
-
-
-def _remove_run(out: Path) -> None:
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for name in RUN_DIRS:
-        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _steps_from_epochs(config: TrainConfig, rows: int, world: World, say) -> TrainConfig:
