@@ -84,7 +84,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, st
             yield lineno, row, None
 
 
-def _causal_parts(row: dict[str, Any], chat_template: bool) -> tuple[str, list[dict[str, str]], int] | tuple[str, str, str] | str:
+def _causal_parts(row: dict[str, Any], chat_template: bool) -> tuple[str, list | str, int | str] | str:
     """(format, messages, first trained message) for rows that go through the chat template,
     (format, prompt, completion) for plain text, or a problem description."""
     def text(key):

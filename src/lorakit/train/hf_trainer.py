@@ -30,8 +30,8 @@ def adapter_checkpoints(trainer):
     """
     model = trainer.model
     if not _adapter(model):
-        raise AdapterNotFoundError("adapter_checkpoints(trainer) needs a model with a lorakit adapter: call lorakit.inject() "
-                         "(or load_adapter) before building the trainer")
+        raise AdapterNotFoundError("adapter_checkpoints(trainer) needs a model with a lorakit adapter: call "
+                                   "lorakit.inject() (or load_adapter) before building the trainer")
 
     def save_pretrained(save_directory, *args, is_main_process: bool = True, **kwargs):
         if not _adapter(model):  # merged and unloaded since: a plain model saves in full, as usual

@@ -197,7 +197,8 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
             world.barrier()
     bar.close()
     # Always end with a checkpoint, so a finished run can be continued (--resume with a larger --max-steps).
-    if world.is_main and progress.step > 0 and not any(p.name == f"step-{progress.step:06d}" for p in list_checkpoints(out)):
+    saved = {p.name for p in list_checkpoints(out)} if world.is_main else set()
+    if world.is_main and progress.step > 0 and f"step-{progress.step:06d}" not in saved:
         save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints)
     world.barrier()
 
@@ -254,9 +255,9 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         usage.append((effective_rank(delta), a.rank))
     notes = diagnose(progress, count.trainable, count.total, usage)
     if skipped:
-        notes.insert(0, f"Skipped {len(skipped)} bad data row(s) (--skip-bad-rows): " + "; ".join(skipped[:data_mod.SHOWN_BAD_ROWS])
-                     + (f"; ... and {len(skipped) - data_mod.SHOWN_BAD_ROWS} more (all in metrics.json)"
-                        if len(skipped) > data_mod.SHOWN_BAD_ROWS else ""))
+        shown, more = skipped[:data_mod.SHOWN_BAD_ROWS], len(skipped) - data_mod.SHOWN_BAD_ROWS
+        notes.insert(0, f"Skipped {len(skipped)} bad data row(s) (--skip-bad-rows): " + "; ".join(shown)
+                     + (f"; ... and {more} more (all in metrics.json)" if more > 0 else ""))
     seconds = time.perf_counter() - t_start
     summary = {
         "config": config.to_dict(),
