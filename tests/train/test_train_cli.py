@@ -35,8 +35,8 @@ def test_a_run_says_what_it_adapted_and_wrote_and_writes_readable_files(cli, lm_
     finally:
         os.umask(old)
     assert code == 0
-    assert ("LoRA targets: q_proj, v_proj (this model family's default; choose with --targets) -> 4 modules: "
-            "q_proj x2, v_proj x2") in out
+    assert ("LoRA targets: q_proj, v_proj (this model family's default; choose with --targets) -> 4 modules in "
+            "blocks 0-1: q_proj x2, v_proj x2") in out
     last = out.strip().splitlines()[-2:]
     assert last[0].startswith("wrote to run: adapter (PEFT format), best/ (step 2), checkpoints/{step-000002} (continue "
                               "with --resume and a larger --max-steps), metrics.json, loss.png, diagnostics.txt, "
@@ -107,9 +107,11 @@ def test_a_target_name_that_matches_nothing_is_an_error(cli, lm_dir, letters, tm
 def test_epochs_and_a_held_out_file(cli, lm_dir, letters, tmp_path):
     held = write_jsonl(tmp_path / "held.jsonl", letter_rows(6))
     code, out, _ = cli("train", "--base", lm_dir, "--data", letters, "--eval-data", held, "--output-dir",
-                       tmp_path / "run", "--epochs", "0.5", "--batch-size", "8", "--learning-rate", "3e-3")
+                       tmp_path / "run", "--epochs", "0.5", "--batch-size", "8", "--learning-rate", "3e-3",
+                       "--lora-target-modules", "all-linear", "--layers", "1")
     assert code == 0 and "--epochs 0.5: 3 optimizer steps (40 training rows, 8 per step)" in out
     assert "40 training and 6 held-out examples" in out
+    assert "LoRA targets: all-linear -> 7 modules in blocks 1: q_proj x1, k_proj x1" in out
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
     code, _, err = cli("train", "--base", lm_dir, "--data", letters, "--epochs", "1", "--max-steps", "3")
     assert code == 2 and "pass one of them" in err

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,14 +319,28 @@ def _steps_from_epochs(config: TrainConfig, rows: int, world: World, say) -> Tra
 
 
 def _describe_targets(adapted: list[str], config: TrainConfig, defaulted: bool) -> str:
+    """One line: the targets asked for (or defaulted), and the modules they became, by name and block."""
     counts: dict[str, int] = {}
     for name in adapted:
         leaf = name.rsplit(".", 1)[-1]
         counts[leaf] = counts.get(leaf, 0) + 1
     modules = ", ".join(f"{leaf} x{n}" for leaf, n in counts.items())
+    blocks = sorted({int(m.group(1)) for name in adapted if (m := re.search(r"\.(\d+)\.", name))})
+    where = f" in blocks {_ranges(blocks)}" if blocks else ""
     targets = config.targets if isinstance(config.targets, str) else ", ".join(config.targets)
     why = " (this model family's default; choose with --targets)" if defaulted else ""
-    return f"LoRA targets: {targets}{why} -> {len(adapted)} modules: {modules}"
+    return f"LoRA targets: {targets}{why} -> {len(adapted)} modules{where}: {modules}"
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _seed_everything(seed: int) -> None:
