@@ -35,6 +35,7 @@ class AdapterReport:
     file_bytes: int
     dtypes: list[str]
     layers: list[LayerReport] = field(default_factory=list)
+    num_layers: int = 0  # adapted modules, also known when the per-layer SVD is skipped
 
     def format(self) -> str:
         lines = [
@@ -45,7 +46,7 @@ class AdapterReport:
             f"rank r         {self.r}",
             f"alpha          {self.alpha:g}  (scale {self.scale:g}{', rsLoRA' if self.rslora else ''})",
             f"targets        {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}",
-            f"layers         {len(self.layers)}",
+            f"layers         {self.num_layers}",
             f"parameters     {self.num_parameters:,}",
             f"file size      {_human(self.file_bytes)}  ({', '.join(self.dtypes)})",
         ]
@@ -67,7 +68,7 @@ def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterR
     layers = []
     if per_layer:
         cls = adapter_class(config)
-        for module, layer_parts in sorted(parts.items()):
+        for module, layer_parts in sorted(parts.items(), key=lambda item: _natural(item[0])):
             delta = cls.delta_from_file(layer_parts, config, module)
             layers.append(_layer_report(module, delta, config.rank_for(module)))
     return AdapterReport(
@@ -76,6 +77,7 @@ def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterR
         num_parameters=sum(t.numel() for t in tensors.values()),
         file_bytes=(path / WEIGHTS_NAME).stat().st_size + (path / CONFIG_NAME).stat().st_size,
         dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}), layers=layers,
+        num_layers=len(parts),
     )
 
 
@@ -91,6 +93,11 @@ def effective_rank(delta: torch.Tensor, energy: float = 0.9) -> int:
 
 def _layer_report(module: str, delta: torch.Tensor, rank: int) -> LayerReport:
     return LayerReport(module, rank, effective_rank(delta), float(delta.norm()))
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def _human(n: int) -> str:

@@ -53,7 +53,7 @@ def match_targets(model: nn.Module, config, strict: bool = False) -> list[str]:
         if unused:
             message = f"target_modules {unused} matched no module; candidates: {', '.join(candidate_names(model))}"
             if strict:
-                raise TargetModulesNotFoundError(message)
+                raise TargetModulesNotFoundError(f"{message}. Correct or drop the unmatched name(s).")
             warnings.warn(message)
     return [name for name, _ in matched]
 

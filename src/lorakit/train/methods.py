@@ -29,9 +29,10 @@ class LoraMethod:
     """Train an adapter on a frozen base; OUT receives the adapter in PEFT's format."""
 
     weights_file = WEIGHTS_NAME
+    output_name = "adapter (PEFT format)"
 
     def prepare(self, model: nn.Module, config: TrainConfig) -> None:
-        inject(model, self.lora_config(config), adapter=ADAPTER)
+        inject(model, self.lora_config(config), adapter=ADAPTER, strict=True)  # a mistyped --targets name is an error
 
     def lora_config(self, config: TrainConfig) -> LoraConfig:
         return LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets,
@@ -61,6 +62,7 @@ class FullMethod:
     """Train every weight; OUT receives a full model directory (`from_pretrained` loads it, tokenizer included)."""
 
     weights_file = "model.safetensors"
+    output_name = "model directory (from_pretrained loads it)"
 
     def prepare(self, model: nn.Module, config: TrainConfig) -> None:
         model.requires_grad_(True)
