@@ -10,6 +10,9 @@ from .adapters import (
     set_active,
     set_trainable,
 )
+from .compose.combine import combine_adapters
+from .compose.extract import extract_adapter
+from .compose.resize import resize_adapter
 from .config import LoraConfig
 from .errors import (
     AdapterExistsError,
@@ -36,6 +39,7 @@ __all__ = [
     "LoraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
     "set_active", "set_trainable", "adapter_rows", "check_adapter_files", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
     "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
+    "combine_adapters", "resize_adapter", "extract_adapter",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
 ]
