@@ -12,6 +12,7 @@ from .adapters import (
 )
 from .compose.combine import combine_adapters
 from .compose.extract import extract_adapter
+from .compose.mixture import add_mixture, load_mixture, mixture_balance_loss, save_mixture
 from .compose.resize import resize_adapter
 from .config import LoraConfig
 from .errors import (
@@ -30,6 +31,7 @@ from .inject import inject, trainable_parameters
 from .io import check_adapter_files, load_adapter, read_adapter_config, save_adapter
 from .layers import LoraLayer
 from .merge import merge, merge_and_unload, unload, unmerge
+from .variants.mixture import MixtureConfig
 
 add_adapter = inject  # the same operation under the name people look for
 
@@ -40,6 +42,7 @@ __all__ = [
     "set_active", "set_trainable", "adapter_rows", "check_adapter_files", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
     "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
     "combine_adapters", "resize_adapter", "extract_adapter",
+    "MixtureConfig", "add_mixture", "save_mixture", "load_mixture", "mixture_balance_loss",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
 ]
