@@ -112,14 +112,41 @@ class MixtureAdapter(nn.Module):
 
     def output(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g = self.gates(y if layer.type.takes_ids else x)
+        present = [(e, layer.adapters._modules.get(name)) for e, name in enumerate(self.experts)]
+        present = [(e, a) for e, a in present if a is not None]  # an expert may not adapt this layer
+        if not present:
+            return torch.zeros_like(y)
+        if self._can_stack(layer, present):
+            # One pass for all experts: t = x·[A₁; A₂; …]ᵀ, each rank-column weighted by its expert's gate·scale,
+            # then ·[B₁ | B₂ | …]ᵀ. Costs one LoRA of rank Σrₑ instead of a product pair per expert.
+            A, B, owner, scales = self._stacked(present)
+            t = x.to(A.dtype) @ A.T
+            return (t * (g[..., owner] * scales)) @ B.T
         out = None
-        for e, name in enumerate(self.experts):
-            expert = layer.adapters._modules.get(name)
-            if expert is None:  # this expert does not adapt this layer
-                continue
+        for e, expert in present:
             part = g[..., e:e + 1] * expert.output(layer, x, y).to(g.dtype)
             out = part if out is None else out + part
-        return out if out is not None else torch.zeros_like(y)
+        return out
+
+    def _can_stack(self, layer, present) -> bool:
+        return (layer.type.is_linear and not layer.type.takes_ids
+                and all(getattr(a, "low_rank_delta", False) for _, a in present)
+                and not (self.training and any(not isinstance(a.dropout, nn.Identity) for _, a in present)))
+
+    def _stacked(self, present):
+        """The experts' factors side by side, rebuilt only when an expert changed (experts are frozen)."""
+        key = tuple((id(a), a.row_version()) for _, a in present)
+        cached = self.__dict__.get("_stack")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                factors = [(e, a.factors(), a.scale) for e, a in present]
+                A = torch.cat([f[0].flatten(1).float() for _, f, _ in factors])
+                B = torch.cat([f[1].flatten(1).float() for _, f, _ in factors], dim=1)
+                owner = torch.cat([torch.full((f[0].shape[0],), e, dtype=torch.long) for e, f, _ in factors])
+                scales = torch.cat([torch.full((f[0].shape[0],), s) for _, f, s in factors])
+            cached = (key, (A, B, owner.to(A.device), scales.to(A.device)))
+            self.__dict__["_stack"] = cached
+        return cached[1]
 
     def fast_forward(self, layer, x, strength):
         return None
