@@ -139,3 +139,45 @@ def test_bad_input(llama_dir, gpt2_dir, experts, tokens):
         lorakit.save_adapter(model, "/tmp/never", adapter="mixture")
     with pytest.raises(MixedBatchError, match="routes each token"):
         model(tokens, adapter_names=["mixture", None])
+
+
+def test_lorakit_train_mixture_trains_routers_and_resumes(lm_dir, tmp_path, tokens):
+    from safetensors.torch import load_file
+
+    from lorakit.train.cli import config_from_args
+    from lorakit.cli import build_parser
+    from lorakit.train.loop import train
+
+    from ..train.helpers import letter_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "letters.jsonl", letter_rows(48))
+    common = ["--base", str(lm_dir), "--data", str(data), "--batch-size", "8", "--eval-fraction", "0.2", "--seed", "1"]
+
+    def run(*extra, keep=2):
+        args = build_parser().parse_args(["train", *common, *extra])
+        config = config_from_args(args)
+        config.exact_match, config.keep_checkpoints = False, keep
+        return train(config)
+
+    run("--out", str(tmp_path / "x1"), "--targets", "q_proj", "v_proj", "--max-steps", "2", "--lr", "1e-2")
+    run("--out", str(tmp_path / "x2"), "--targets", "v_proj", "up_proj", "--max-steps", "2", "--lr", "1e-2")
+    mix = ["--mixture", f"one={tmp_path / 'x1'}", f"two={tmp_path / 'x2'}", "--lr", "5e-2", "--load-balance", "0.1"]
+    straight = run(*mix, "--out", str(tmp_path / "m"), "--max-steps", "4", "--save-every", "2", keep=3)
+    assert straight.model is not None
+    routers = load_file(tmp_path / "m" / "router.safetensors")
+    assert routers and all(k.endswith(".router.weight") for k in routers)
+    assert any(v.abs().sum() > 0 for v in routers.values())  # they trained (they start at zero)
+    assert lorakit.trainable_parameters(straight.model, verbose=False).trainable == sum(v.numel() for v in routers.values())
+    # a killed run resumes from its checkpoint to the same routers
+    import shutil
+
+    shutil.copytree(tmp_path / "m" / "checkpoints" / "step-000002", tmp_path / "r" / "checkpoints" / "step-000002")
+    run(*mix, "--out", str(tmp_path / "r"), "--max-steps", "4", "--save-every", "2", "--resume")
+    again = load_file(tmp_path / "r" / "router.safetensors")
+    assert all(torch.equal(again[k], routers[k]) for k in routers)
+    # the saved mixture loads back with equal outputs
+    model = load(lm_dir)
+    lorakit.load_mixture(model, tmp_path / "m")
+    straight.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens % 100).logits, straight.model(tokens % 100).logits, atol=0, rtol=0)

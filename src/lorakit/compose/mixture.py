@@ -58,15 +58,11 @@ def mixture_balance_loss(model: nn.Module, name: str = "mixture") -> torch.Tenso
 
 def save_mixture(model: nn.Module, path: str | os.PathLike, name: str = "mixture") -> Path:
     """Write the mixture to `path`: mixture_config.json, router.safetensors and experts/<name>/ (PEFT files)."""
-    from safetensors.torch import save_file
-
     config = _mixture_config(model, name)
     path = Path(path)
-    routers = {f"{layer}.router.weight": a.router.weight.detach().cpu().contiguous()
-               for layer, _, a in adapter_layers(model, name)}
     for expert in config.experts:
         save_adapter(model, path / EXPERTS_DIR / expert, adapter=expert)
-    atomic_write(path / ROUTER_FILE, lambda tmp: save_file(routers, tmp, metadata={"format": "pt"}))
+    save_routers(model, path, name)
     atomic_write_json(path / CONFIG_FILE, {
         # A list, not a mapping: the order of the experts is the order of each router's outputs.
         "format": "lorakit-mixture", "experts": [[e, f"{EXPERTS_DIR}/{e}"] for e in config.experts],
@@ -78,15 +74,31 @@ def save_mixture(model: nn.Module, path: str | os.PathLike, name: str = "mixture
 
 def load_mixture(model: nn.Module, path: str | os.PathLike, name: str = "mixture") -> nn.Module:
     """Add the mixture saved at `path` (experts and routers) to `model`, active; outputs equal the saved one's."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     data = read_mixture_config(path)
     experts = {e: str(path / rel) for e, rel in data["experts"]}
     config = MixtureConfig(experts=experts, top_k=data.get("top_k"), router=data.get("router", "token"),
                            load_balance=data.get("load_balance", 0.01))
     add_mixture(model, config, name=name)
+    load_routers(model, path, name)
+    return model
+
+
+def save_routers(model: nn.Module, path: str | os.PathLike, name: str = "mixture") -> None:
+    """Only the routers (what trains): path/router.safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    routers = {f"{layer}.router.weight": a.router.weight.detach().cpu().contiguous()
+               for layer, _, a in adapter_layers(model, name)}
+    atomic_write(Path(path) / ROUTER_FILE, lambda tmp: save_file(routers, tmp, metadata={"format": "pt"}))
+
+
+def load_routers(model: nn.Module, path: str | os.PathLike, name: str = "mixture") -> None:
+    """Copy path/router.safetensors into the routers of mixture `name` (already on the model)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
     try:
         routers = load_file(path / ROUTER_FILE)
     except (SafetensorError, OSError, ValueError) as e:
@@ -101,7 +113,6 @@ def load_mixture(model: nn.Module, path: str | os.PathLike, name: str = "mixture
             if layer not in layers:
                 raise IncompatibleAdapterError(f"{path / ROUTER_FILE} has a router for {layer!r}, which no expert adapts")
             load_checked(layers[layer].router.weight, value, key, path / ROUTER_FILE)
-    return model
 
 
 def read_mixture_config(path: str | os.PathLike) -> dict:
