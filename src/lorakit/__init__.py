@@ -10,6 +10,10 @@ from .adapters import (
     set_active,
     set_trainable,
 )
+from .compose.combine import combine_adapters
+from .compose.extract import extract_adapter
+from .compose.mixture import add_mixture, load_mixture, mixture_balance_loss, save_mixture
+from .compose.resize import resize_adapter
 from .config import LoraConfig
 from .errors import (
     AdapterExistsError,
@@ -27,6 +31,7 @@ from .inject import inject, trainable_parameters
 from .io import check_adapter_files, load_adapter, read_adapter_config, save_adapter
 from .layers import LoraLayer
 from .merge import merge, merge_and_unload, unload, unmerge
+from .variants.mixture import MixtureConfig
 
 add_adapter = inject  # the same operation under the name people look for
 
@@ -36,6 +41,8 @@ __all__ = [
     "LoraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
     "set_active", "set_trainable", "adapter_rows", "check_adapter_files", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
     "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
+    "combine_adapters", "resize_adapter", "extract_adapter",
+    "MixtureConfig", "add_mixture", "save_mixture", "load_mixture", "mixture_balance_loss",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
 ]

@@ -9,7 +9,7 @@ from .errors import LorakitError
 
 # Subcommands that live in their own packages, with the extra that installs what they need.
 LATER_COMMANDS = (("lorakit.train.cli", "train", "train"), ("lorakit.train.generate_cli", "generate", "train"),
-                  ("lorakit.serve.cli", "serve", "serve"))
+                  ("lorakit.serve.cli", "serve", "serve"), ("lorakit.compose.cli", "combine", "train"))
 
 
 def _inspect(args) -> int:
@@ -20,6 +20,16 @@ def _inspect(args) -> int:
     if args.layers:
         for lr in report.layers:
             print(f"  {lr.module:60s} r={lr.rank:<4d} effective={lr.effective_rank:<4d} |ΔW|={lr.norm:.4g}")
+    if args.spectrum:
+        from pathlib import Path
+
+        from .compose.spectrum import format_spectrum, layer_spectra, plot_spectrum
+
+        spectra = layer_spectra(args.adapter)
+        print(format_spectrum(spectra))
+        plot = args.plot or f"{Path(args.adapter).resolve().name}-spectrum.png"
+        if plot_spectrum(spectra, plot, title=f"{Path(args.adapter).name}: energy kept by rank"):
+            print(f"plot written to {plot}")
     return 0
 
 
@@ -48,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--layers", action="store_true", help="also list every layer")
     p.add_argument("--fast", action="store_true", help="skip the per-layer SVD")
+    p.add_argument("--spectrum", action="store_true", help="each layer's share of ||ΔW||² kept at rank 1, 2, 4, ... "
+                   "and a PNG plot of it")
+    p.add_argument("--plot", help="where --spectrum writes its PNG (default: <adapter>-spectrum.png here)")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("merge", help="fold an adapter into its base and write a plain model",

@@ -142,6 +142,7 @@ class LoraAdapter(nn.Module):
     """
 
     method = "lora"
+    low_rank_delta = True  # ΔW = scale·B·A with factors() exactly (DoRA's is not: combine/resize refuse it)
 
     def __init__(self, base: nn.Module, ltype: LayerType, r: int, scale: float, dropout: float = 0.0,
                  init: str = "kaiming"):

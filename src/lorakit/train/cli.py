@@ -49,6 +49,10 @@ def add_parser(sub) -> None:
                         "nothing is an error")
     p.add_argument("--layers", type=int, nargs="+", dest="layers_to_transform", help="only these block indices")
     p.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
+    p.add_argument("--mixture", nargs="+", metavar="NAME=DIR", help="train a mixture of these frozen expert adapters: "
+                   "only a per-layer router that weights them per token trains (X-LoRA / MoLE style)")
+    p.add_argument("--top-k", type=int, help="mixture: route each token to its k best experts (default: all, weighted)")
+    p.add_argument("--load-balance", type=float, help="mixture: weight of the load-balancing loss (default 0.01)")
     p.add_argument("--init", help="how A and B start: kaiming (default; B = 0), gaussian, pissa, pissa_niter_N (randomised "
                    "SVD), olora; pissa/olora start from the base's principal directions (the base keeps the residual)")
     p.add_argument("--batch-size", "--per-device-train-batch-size", dest="batch_size", type=int,
@@ -82,6 +86,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "threads")}
     if flags.get("targets") and len(flags["targets"]) == 1:
         flags["targets"] = flags["targets"][0]  # one value: a name, a regex or "all-linear"
+    if flags.get("mixture"):
+        flags["mixture"] = parse_experts(flags["mixture"])
     if flags.get("max_grad_norm") == 0:
         flags["max_grad_norm"] = None
     if flags.get("epochs") is not None and flags.get("max_steps") is not None:
@@ -109,6 +115,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError("--data is missing: pass the training data (JSONL/CSV), or neither --base nor --data "
                           "for the built-in demo")
     return resolve(file_values, flags)
+
+
+def parse_experts(items: list[str]) -> dict[str, str]:
+    experts = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise ConfigError(f"--mixture {item!r}: write each expert as NAME=DIR, e.g. words=runs/words")
+        if name in experts:
+            raise ConfigError(f"--mixture names expert {name!r} twice")
+        experts[name] = path
+    return experts
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 # What trains: "lora" (an adapter), "full" (every weight). A new method adds its name here and its behaviour
 # (which weights train, how they are saved and restored) to train/methods.py::METHODS.
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "mixture")
 # Settings that only mean something for an adapter: --method full refuses them.
 LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "init", "lora_plus_ratio")
 # Written into train_config.json for the record (what the run adapted), ignored when the file is read back.
@@ -37,7 +37,11 @@ class TrainConfig:
     targets: list[str] | str | None = None
     layers_to_transform: list[int] | None = None
     rslora: bool = False
-    init: str = "kaiming"  # kaiming | gaussian | pissa | pissa_niter_N | olora (LoraConfig.init)
+    init: str = "kaiming"
+    # mixture of LoRAs (--mixture NAME=DIR ...): frozen experts, only the per-layer routers train
+    mixture: dict[str, str] | None = None
+    top_k: int | None = None
+    load_balance: float = 0.01  # kaiming | gaussian | pissa | pissa_niter_N | olora (LoraConfig.init)
     # optimisation
     max_steps: int = 100
     epochs: float | None = None  # when set, decides max_steps from the training rows
@@ -71,6 +75,12 @@ class TrainConfig:
     compare_base: bool = False  # evaluate the base model before training too (the default demo does)
 
     def __post_init__(self) -> None:
+        if self.mixture is not None and self.method == "lora":
+            self.method = "mixture"  # --mixture alone says what trains
+        if self.method == "mixture" and not self.mixture:
+            raise ConfigError("--method mixture needs its experts: --mixture NAME=DIR NAME=DIR ...")
+        if self.mixture is not None and self.method != "mixture":
+            raise ConfigError(f"--mixture trains routers over frozen experts; it cannot be combined with --method {self.method}")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.task not in TASKS:

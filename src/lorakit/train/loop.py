@@ -138,6 +138,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
     from tqdm.auto import tqdm
 
     compute_loss = loss_fn(config.task)
+    method = method_for(config)
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=config.max_steps, initial=progress.step, disable=not world.is_main, desc="train",
                dynamic_ncols=True, mininterval=1.0)
@@ -162,7 +163,9 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
             # Divide by the count over the whole step (all micro-batches, all processes), so accumulation
             # and data parallelism give the gradient one big batch would; DDP averages, so undo its 1/size.
             with ctx:
-                (loss_sum * (world.size / max(global_count, 1))).backward()
+                loss = loss_sum * (world.size / max(global_count, 1))
+                extra = method.extra_loss(model)  # once per step in all: a share per micro-batch
+                (loss if extra is None else loss + extra / len(local)).backward()
             loss_total += float(loss_sum.detach())
         loss_value = world.sum(loss_total) / max(global_count, 1)
         grad_norm = _clip(params, config.max_grad_norm)
@@ -178,6 +181,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
             bar.write(progress.stopped_reason) if world.is_main else None
             break
         optimizer.step()
+        method.after_step(model, progress.step + 1)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
@@ -253,7 +257,7 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         method.save(model, out / "best", tokenizer)
     method.save(model, out, tokenizer)
     with torch.no_grad():
-        usage = [(effective_rank(a.delta_weight(layer)), a.rank) for _, layer, a in adapter_layers(model, ADAPTER)]
+        usage = [(effective_rank(_product(a)), a.rank) for _, _, a in adapter_layers(model, ADAPTER) if a.method != "mixture"]
     notes = diagnose(progress, count.trainable, count.total, usage, method=config.method)
     if skipped:
         shown, more = skipped[:data_mod.SHOWN_BAD_ROWS], len(skipped) - data_mod.SHOWN_BAD_ROWS
@@ -291,6 +295,12 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         say("diagnostic: " + note)
     say(written(out, progress.best_step, plot is not None, seconds, method.output_name))
     return TrainResult(out, progress, metrics, notes, seconds)
+
+
+def _product(adapter) -> torch.Tensor:
+    """B·A of an adapter's (effective) factors: the update whose rank use the diagnostics report."""
+    A, B = adapter.factors()
+    return B.detach().float().flatten(1) @ A.detach().float().flatten(1)
 
 
 def _comparison(before: dict, after: dict) -> str:

@@ -25,7 +25,18 @@ from .config import TrainConfig
 ADAPTER = "default"
 
 
-class LoraMethod:
+class MethodHooks:
+    """What a method may add to every step of the shared loop; nothing by default."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to each optimizer step's loss (e.g. a regulariser), or None."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Runs after optimizer step `step` (1, 2, ...), while the gradients are still there."""
+
+
+class LoraMethod(MethodHooks):
     """Train an adapter on a frozen base; OUT receives the adapter in PEFT's format."""
 
     weights_file = WEIGHTS_NAME
@@ -58,7 +69,7 @@ class LoraMethod:
         load_adapter_weights(model, ADAPTER, path)
 
 
-class FullMethod:
+class FullMethod(MethodHooks):
     """Train every weight; OUT receives a full model directory (`from_pretrained` loads it, tokenizer included)."""
 
     weights_file = "model.safetensors"
@@ -85,7 +96,42 @@ class FullMethod:
         load_full_weights(model, path)
 
 
-METHODS = {"lora": LoraMethod(), "full": FullMethod()}
+class MixtureMethod(LoraMethod):
+    """Train only the routers of a mixture over frozen experts; OUT receives the mixture (routers + experts)."""
+
+    weights_file = "router.safetensors"
+
+    def prepare(self, model: nn.Module, config: TrainConfig) -> None:
+        from ..compose.mixture import add_mixture
+        from ..variants.mixture import MixtureConfig
+
+        add_mixture(model, MixtureConfig(experts=dict(config.mixture), top_k=config.top_k,
+                                         load_balance=config.load_balance), name=ADAPTER)
+        self.load_balance = config.load_balance
+
+    def save(self, model: nn.Module, path: Path, tokenizer=None) -> None:
+        from ..compose.mixture import save_mixture
+
+        save_mixture(model, path, name=ADAPTER)
+
+    def save_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
+        from ..compose.mixture import save_routers
+
+        save_routers(model, path, name=ADAPTER)
+
+    def restore(self, model: nn.Module, path: Path) -> None:
+        from ..compose.mixture import load_routers
+
+        load_routers(model, path, name=ADAPTER)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        from ..compose.mixture import mixture_balance_loss
+
+        balance = mixture_balance_loss(model, ADAPTER)
+        return None if balance is None or not self.load_balance else balance * self.load_balance
+
+
+METHODS = {"lora": LoraMethod(), "full": FullMethod(), "mixture": MixtureMethod()}
 
 
 def method_for(config: TrainConfig):

@@ -11,10 +11,11 @@ from typing import Any
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraAdapter
+from .mixture import MixtureAdapter
 from .pissa import ResidualInitAdapter, is_residual_init
 
 # config.method -> the adapter class built on every target layer
-ADAPTERS: dict[str, type] = {"lora": LoraAdapter}
+ADAPTERS: dict[str, type] = {"lora": LoraAdapter, "mixture": MixtureAdapter}
 # adapter_config.json's peft_type -> the config class that reads it
 CONFIGS: dict[str, type] = {"LORA": LoraConfig}
 
