@@ -64,11 +64,9 @@ def _from_dict(data: dict, where: str):
         raise ModelConfigError(f"{where}: model_type {model_type!r} is not known to the installed transformers; "
                                "upgrade transformers or check the spelling")
     config_class = CONFIG_MAPPING[model_type]
-    aliases = {canonical: [canonical] for canonical in REQUIRED_KEYS}
-    for alias, canonical in getattr(config_class, "attribute_map", {}).items():
-        if canonical in aliases:
-            aliases[canonical].append(alias)
-    for canonical, names in aliases.items():
+    renamed = getattr(config_class, "attribute_map", {})  # e.g. GPT-2: {"hidden_size": "n_embd", ...}
+    aliases = {canonical: [canonical] + ([renamed[canonical]] if canonical in renamed else []) for canonical in REQUIRED_KEYS}
+    for names in aliases.values():
         if not any(n in data for n in names):
             spelled = " or ".join(repr(n) for n in names)
             raise ModelConfigError(f"{where} is not a complete transformers config: missing key {spelled}; "
