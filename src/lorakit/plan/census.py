@@ -65,8 +65,7 @@ def count_base(model: nn.Module) -> BaseCensus:
             seen.add(id(p))
             sizes.append(p.numel())
     heads = _output_head_weights(model)
-    shapes = [tuple(m.weight.shape) for _, m in model.named_modules()
-              if isinstance(m, nn.Linear) and id(m.weight) not in heads]
+    shapes = [_out_in(m) for m in model.modules() if _out_in(m) and id(m.weight) not in heads]
     linear = sum(o * i for o, i in shapes)
     return BaseCensus(sum(sizes), linear, len(shapes), shapes, sizes, max((o * i for o, i in shapes), default=0))
 
@@ -88,6 +87,15 @@ def count_adapter(model: nn.Module, config: LoraConfig) -> AdapterCensus:
     trainable = [p for p in model.parameters() if p.requires_grad]
     dtype = trainable[0].dtype if trainable else torch.float32
     return AdapterCensus(modules, count.trainable, count.total, dtype, [p.numel() for p in trainable])
+
+
+def _out_in(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a layer bitsandbytes replaces by a 4-bit one: nn.Linear, and GPT-2's Conv1D (weight stored (in, out))."""
+    if isinstance(module, nn.Linear):
+        return tuple(module.weight.shape)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return tuple(module.weight.shape[::-1])
+    return None
 
 
 def _output_head_weights(model: nn.Module) -> set[int]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from .planner import MemoryPlan
-
 _TITLES = {"full": "full FT", "lora": "LoRA", "qlora": "QLoRA"}
 _ROWS = (("weights", "weights (base)"), ("adapter", "adapter"), ("gradients", "gradients"),
          ("optimizer", "optimizer states"), ("activations", "activations (saved)"), ("temporaries", "temporaries at peak"))
@@ -18,7 +16,8 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def format_plan(plan: MemoryPlan) -> str:
+def format_plan(plan) -> str:
+    """`plan`: a lorakit.plan.MemoryPlan (not imported here: planner.py imports this module to format itself)."""
     dtype = _DTYPE_NAMES.get(str(plan.dtype), str(plan.dtype))
     leaves = list(dict.fromkeys(a.leaf for a in plan.adapter.modules))
     ad = plan.adapter
