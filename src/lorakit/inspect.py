@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .io import CONFIG_NAME, WEIGHTS_NAME, _LORA_KEY, _strip_prefix, read_adapter_config, read_adapter_tensors
+from .io import CONFIG_NAME, WEIGHTS_NAME, split_factor_key, read_adapter_config, read_adapter_tensors
+from .variants import adapter_class
 
 
 @dataclass
@@ -22,6 +23,7 @@ class LayerReport:
 @dataclass
 class AdapterReport:
     path: str
+    method: str  # lora, dora, vera, adalora
     r: int
     alpha: float
     scale: float
@@ -37,6 +39,7 @@ class AdapterReport:
     def format(self) -> str:
         lines = [
             f"adapter        {self.path}",
+            f"method         {self.method}",
             f"base model     {self.base_model or 'unknown'}",
             f"task           {self.task_type or 'unknown'}",
             f"rank r         {self.r}",
@@ -55,20 +58,20 @@ class AdapterReport:
 def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterReport:
     path = Path(path)
     config = read_adapter_config(path)
-    tensors = _strip_prefix(read_adapter_tensors(path))
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+    tensors = read_adapter_tensors(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        m = _LORA_KEY.match(key)
-        if m:
-            factors.setdefault(m.group("module"), {})[m.group("factor")[-1]] = value
+        factor = split_factor_key(key)
+        if factor:
+            parts.setdefault(factor[0], {})[factor[1]] = value
     layers = []
     if per_layer:
-        for module, ab in sorted(factors.items()):
-            if "A" in ab and "B" in ab:
-                delta = ab["B"].float().flatten(1) @ ab["A"].float().flatten(1)
-                layers.append(_layer_report(module, delta, ab["A"].shape[0]))
+        cls = adapter_class(config)
+        for module, layer_parts in sorted(parts.items()):
+            delta = cls.delta_from_file(layer_parts, config, module)
+            layers.append(_layer_report(module, delta, config.rank_for(module)))
     return AdapterReport(
-        path=str(path), r=config.r, alpha=config.alpha, scale=config.scale_for(""), rslora=config.rslora,
+        path=str(path), method=config.method, r=config.r, alpha=config.alpha, scale=config.scale_for(""), rslora=config.rslora,
         target_modules=config.target_modules, task_type=config.task_type, base_model=config.base_model_name_or_path,
         num_parameters=sum(t.numel() for t in tensors.values()),
         file_bytes=(path / WEIGHTS_NAME).stat().st_size + (path / CONFIG_NAME).stat().st_size,

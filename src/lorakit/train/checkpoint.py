@@ -13,7 +13,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..files import atomic_directory
-from ..io import _copy_tensors, _strip_prefix, read_adapter_tensors, save_adapter
+from ..io import load_adapter_weights, save_adapter
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -39,6 +39,7 @@ class Progress:
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
     tokens: int = 0
     train_seconds: float = 0.0  # wall time inside training steps (no loading, evaluation or saving)
+    step_seconds: list[float] = field(default_factory=list)  # each optimizer step's share of train_seconds
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     eval_metrics: list[dict[str, float]] = field(default_factory=list)
     grad_norm: list[tuple[int, float]] = field(default_factory=list)
@@ -70,11 +71,13 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, progress: Progress, keep: int) -> Path:
+def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, progress: Progress, keep: int,
+                    save_weights: Callable[[nn.Module, Path], object] = save_adapter) -> Path:
+    """`save_weights(model, dir)` writes what trains (default: the adapter; full fine-tuning: the model)."""
     root = out / "checkpoints"
     target = root / f"step-{progress.step:06d}"
     with atomic_directory(target) as tmp:
-        save_adapter(model, tmp)
+        save_weights(model, tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -92,13 +95,18 @@ def list_checkpoints(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, model: nn.Module, adapter: str, optimizer, scheduler) -> Progress:
+def load_checkpoint(path: Path, model: nn.Module, adapter: str, optimizer, scheduler,
+                    restore_weights: Callable[[nn.Module, Path], None] | None = None,
+                    weights_file: str = "adapter_model.safetensors") -> Progress:
     """Restore everything `save_checkpoint` wrote; weights only through safetensors / weights_only loads."""
-    needed = ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"]
+    needed = [weights_file, "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"]
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {missing}); delete it to resume from the one before")
-    load_adapter_weights(model, adapter, path)
+    if restore_weights is None:
+        load_adapter_weights(model, adapter, path)
+    else:
+        restore_weights(model, path)
     try:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -110,8 +118,3 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str, optimizer, sched
     raw["grad_norm"] = [tuple(x) for x in raw["grad_norm"]]
     return Progress(**raw)
 
-
-def load_adapter_weights(model: nn.Module, adapter: str, path: Path) -> None:
-    """Copy a saved adapter's tensors into the already-injected adapter `adapter` (same config), with
-    io's checks: every tensor must fit the layer it names, and every adapted layer must be covered."""
-    _copy_tensors(model, adapter, _strip_prefix(read_adapter_tensors(path)), path)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import ConfigError
-from .config import TrainConfig, read_config_file, resolve
+from .config import LORA_ONLY, METHODS, TrainConfig, full_refusal, read_config_file, resolve
 
 
 def add_parser(sub) -> None:
@@ -19,17 +19,22 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help="JSONL/CSV training data (default: bundled WordNet data)")
     p.add_argument("--task", choices=["causal-lm", "classify"], help=f"default {d.task}")
     p.add_argument("--out", help=f"output directory (default {d.out})")
+    p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter) or full (every weight; OUT "
+                   f"receives a full model directory) (default {d.method})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: only at the end)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: only at the end)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int)
+    p.add_argument("--split-seed", type=int, help="seed of the held-out split (default: --seed)")
     p.add_argument("--rank", "-r", type=int, help=f"LoRA rank r (default {d.rank})")
     p.add_argument("--alpha", type=float, help=f"LoRA alpha (default {d.alpha:g})")
     p.add_argument("--dropout", type=float)
     p.add_argument("--targets", nargs="+", help="module names, a regex, or all-linear (default: per model family)")
     p.add_argument("--layers", type=int, nargs="+", dest="layers_to_transform", help="only these block indices")
     p.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
+    p.add_argument("--init", help="how A and B start: kaiming (default; B = 0), gaussian, pissa, pissa_niter_N (randomised "
+                   "SVD), olora; pissa/olora start from the base's principal directions (the base keeps the residual)")
     p.add_argument("--batch-size", type=int, help=f"rows per micro-batch per process (default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr:g})")
@@ -58,10 +63,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         flags["max_grad_norm"] = None
     file_values = read_config_file(args.config) if args.config else {}
     merged = {**file_values, **{k: v for k, v in flags.items() if v is not None}}
+    full = merged.get("method") == "full"
+    given = [k for k in LORA_ONLY if k in file_values or flags.get(k) is not None]
+    if full and given:
+        raise ConfigError(full_refusal(given))
     if merged.get("base") is None and merged.get("data") is None:
         from .builtin_run import demo_settings
 
-        file_values = {**demo_settings(merged.get("task", "causal-lm")), **file_values}
+        demo = demo_settings(merged.get("task", "causal-lm"))
+        if full:  # the demo's adapter settings; full fine-tuning trains every layer
+            demo = {k: v for k, v in demo.items() if k not in LORA_ONLY}
+        file_values = {**demo, **file_values}
     elif merged.get("base") is None or merged.get("data") is None:
         missing = "--base" if merged.get("base") is None else "--data"
         raise ConfigError(f"{missing} is missing: pass both --base and --data, or neither for the built-in demo")

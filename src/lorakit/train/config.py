@@ -13,6 +13,11 @@ from ..errors import ConfigError
 TASKS = ("causal-lm", "classify")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
+# What trains: "lora" (an adapter), "full" (every weight). A new method adds its name here and its behaviour
+# (which weights train, how they are saved and restored) to train/methods.py::METHODS.
+METHODS = ("lora", "full")
+# Settings that only mean something for an adapter: --method full refuses them.
+LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "init", "lora_plus_ratio")
 
 
 @dataclass
@@ -21,6 +26,7 @@ class TrainConfig:
     data: str | None = None  # None: the bundled data set
     task: str = "causal-lm"
     out: str = "runs/lorakit"
+    method: str = "lora"
     # LoRA
     rank: int = 8
     alpha: float = 16.0
@@ -28,6 +34,7 @@ class TrainConfig:
     targets: list[str] | str | None = None
     layers_to_transform: list[int] | None = None
     rslora: bool = False
+    init: str = "kaiming"  # kaiming | gaussian | pissa | pissa_niter_N | olora (LoraConfig.init)
     # optimisation
     max_steps: int = 100
     batch_size: int = 8
@@ -41,6 +48,7 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     seed: int = 0
+    split_seed: int | None = None  # which rows are held out; None: --seed (set it to vary --seed on one held-out set)
     # data
     max_length: int = 256
     packing: bool = False
@@ -57,6 +65,8 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.schedule not in SCHEDULES:
@@ -78,9 +88,23 @@ class TrainConfig:
             raise ConfigError(f"lora_plus_ratio must be positive, got {self.lora_plus_ratio!r}")
         if isinstance(self.targets, str) and "," in self.targets:
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if self.method == "full":
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [name for name in LORA_ONLY if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ConfigError(full_refusal(changed))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if self.method == "full":  # so that a full run's train_config.json works as --config
+            values = {k: v for k, v in values.items() if k not in LORA_ONLY}
+        return values
+
+
+def full_refusal(names: list[str]) -> str:
+    flags = ", ".join("--" + ("layers" if n == "layers_to_transform" else n.replace("_", "-")) for n in names)
+    return (f"{flags}: LoRA setting(s) that --method full cannot use (it trains every weight of the model, with no "
+            "adapter); drop them, or train an adapter with --method lora")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

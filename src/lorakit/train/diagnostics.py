@@ -8,10 +8,12 @@ import statistics
 from .checkpoint import Progress
 
 
-def diagnose(progress: Progress, trainable: int, total: int, rank_usage: list[tuple[int, int]] | None = None) -> list[str]:
+def diagnose(progress: Progress, trainable: int, total: int, rank_usage: list[tuple[int, int]] | None = None,
+             method: str = "lora") -> list[str]:
     """Plain-language findings; an empty list means nothing looked wrong."""
     notes = []
-    notes += _parameter_count(trainable, total)
+    if method != "full":  # full fine-tuning trains every weight on purpose
+        notes += _parameter_count(trainable, total)
     if progress.stopped_reason:
         notes.append(progress.stopped_reason)
     losses = [v for _, v in progress.train_loss if math.isfinite(v)]

@@ -1,5 +1,6 @@
-"""The training loop of `lorakit train`: AdamW on the adapter only, warmup + decay, accumulation, clipping,
-checkpoints every N steps, resume, evaluation, and the evidence at the end (metrics, plot, diagnostics)."""
+"""The training loop of `lorakit train`: AdamW on the adapter (or, with --method full, every weight), warmup +
+decay, accumulation, clipping, checkpoints every N steps, resume, evaluation, and the evidence at the end
+(metrics with step time and peak memory, plot, diagnostics)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import LoraConfig, inject, save_adapter, trainable_parameters
+from .. import trainable_parameters
 from ..errors import ConfigError
 from ..files import atomic_write_json, atomic_write_text
 from ..hf import load_base_model, load_tokenizer
 from ..inspect import effective_rank
-from ..inject import lora_layers
+from ..state import adapter_layers
 from . import data as data_mod
 from .checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -28,9 +29,9 @@ from .diagnostics import diagnose
 from .distributed import World, close_world, init_world
 from .evaluate import evaluate
 from .loss import loss_fn
+from .measure import cost_line, peak_memory, step_times
+from .methods import ADAPTER, method_for
 from .plot import plot_losses
-
-ADAPTER = "default"
 
 
 @dataclass
@@ -63,11 +64,8 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     tokenizer = load_tokenizer(config.base)
     train_set, eval_set = _load_data(config, tokenizer)
     model = _load_model(config, train_set.label_names, world)
-    lora = LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets,
-                      layers_to_transform=config.layers_to_transform, rslora=config.rslora,
-                      task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",
-                      base_model_name_or_path=str(config.base))
-    inject(model, lora, adapter=ADAPTER)
+    method = method_for(config)
+    method.prepare(model, config)
     count = trainable_parameters(model, verbose=world.is_main)
     if count.trainable == 0:
         raise ConfigError("no parameter is trainable after injection; check --targets")
@@ -75,10 +73,8 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     before = None
     if config.compare_base and world.is_main:
-        from ..adapters import disabled
-
         say(f"evaluating the base model on {len(eval_set)} held-out examples ...")
-        with disabled(model), torch.random.fork_rng():
+        with method.base_model(model), torch.random.fork_rng():
             before = evaluate(model, eval_set, config.task, pad_id, tokenizer=tokenizer, exact_match=config.exact_match)
         say("base: " + _fmt(before))
 
@@ -87,7 +83,7 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     progress = Progress()
     if config.resume and list_checkpoints(out):
         last = list_checkpoints(out)[-1]
-        progress = load_checkpoint(last, model, ADAPTER, optimizer, scheduler)
+        progress = load_checkpoint(last, model, ADAPTER, optimizer, scheduler, method.restore, method.weights_file)
         say(f"resumed from {last} (step {progress.step})")
     elif config.resume:
         say(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
@@ -112,7 +108,7 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     if world.is_main:
         with torch.random.fork_rng():
             metrics = evaluate(model, eval_set, config.task, pad_id, tokenizer=tokenizer, exact_match=config.exact_match)
-        result = _finish(config, out, model, progress, metrics, before, count, t_start, say)
+        result = _finish(config, out, model, progress, metrics, before, count, t_start, say, tokenizer)
     else:
         result = TrainResult(out, progress, metrics, [], time.perf_counter() - t_start)
     world.barrier()
@@ -169,7 +165,8 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
         progress.step += 1
         tokens = world.sum(sum(int(b["attention_mask"].sum()) for b in local))
         progress.tokens += int(tokens)
-        progress.train_seconds += time.perf_counter() - t0
+        progress.step_seconds.append(time.perf_counter() - t0)
+        progress.train_seconds += progress.step_seconds[-1]
         progress.train_loss.append((progress.step, loss_value))
         progress.grad_norm.append((progress.step, grad_norm))
         bar.update(1)
@@ -179,7 +176,8 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
         if config.eval_every and progress.step % config.eval_every == 0 and progress.step < config.max_steps:
             _evaluate_during(config, world, model, eval_set, pad_id, tokenizer, progress, out, bar)
         if config.save_every and progress.step % config.save_every == 0 and world.is_main:
-            save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints)
+            save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints,
+                            method_for(config).save_checkpoint_weights)
         if config.save_every and progress.step % config.save_every == 0:
             world.barrier()
     bar.close()
@@ -219,23 +217,21 @@ def _evaluate_during(config, world, model, eval_set, pad_id, tokenizer, progress
     progress.eval_metrics.append(metrics)
     if progress.best_eval_loss is None or metrics["eval_loss"] < progress.best_eval_loss:
         progress.best_eval_loss, progress.best_step = metrics["eval_loss"], progress.step
-        save_adapter(model, out / "best")
+        method_for(config).save(model, out / "best", tokenizer)
     bar.write(f"step {progress.step}: " + _fmt(metrics))
 
 
-def _finish(config, out, model, progress, metrics, before, count, t_start, say) -> TrainResult:
+def _finish(config, out, model, progress, metrics, before, count, t_start, say, tokenizer=None) -> TrainResult:
     metrics = {**metrics, "step": progress.step}
     progress.eval_metrics.append(metrics)
+    method = method_for(config)
     if progress.best_eval_loss is None or metrics["eval_loss"] <= progress.best_eval_loss:
         progress.best_eval_loss, progress.best_step = metrics["eval_loss"], progress.step
-        save_adapter(model, out / "best")
-    save_adapter(model, out)
-    usage = []
-    for _, layer in lora_layers(model):
-        a = layer.adapters[ADAPTER]
-        delta = a.lora_B.detach().float().flatten(1) @ a.lora_A.detach().float().flatten(1)
-        usage.append((effective_rank(delta), a.rank))
-    notes = diagnose(progress, count.trainable, count.total, usage)
+        method.save(model, out / "best", tokenizer)
+    method.save(model, out, tokenizer)
+    with torch.no_grad():
+        usage = [(effective_rank(a.delta_weight(layer)), a.rank) for _, layer, a in adapter_layers(model, ADAPTER)]
+    notes = diagnose(progress, count.trainable, count.total, usage, method=config.method)
     seconds = time.perf_counter() - t_start
     summary = {
         "config": config.to_dict(),
@@ -246,8 +242,11 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say) 
         "tokens": progress.tokens,
         "train_tokens_per_second": round(progress.tokens / max(progress.train_seconds, 1e-9), 1),
         "seconds": round(seconds, 1),
+        "method": config.method,
         "trainable_params": count.trainable,
         "total_params": count.total,
+        **step_times(progress.step_seconds),
+        **peak_memory(next(model.parameters()).device),
         "train_loss": progress.train_loss,
         "eval": progress.eval_metrics,
         "diagnostics": notes,
@@ -258,11 +257,13 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say) 
     atomic_write_text(out / "diagnostics.txt", "\n".join(notes) + ("\n" if notes else "no problems found\n"))
     plot = plot_losses(progress, out / "loss.png")
     say("final: " + _fmt(metrics))
+    say(cost_line(summary))
     if before is not None:
         say(_comparison(before, metrics))
     for note in notes:
         say("diagnostic: " + note)
-    say(f"adapter, metrics.json{', loss.png' if plot else ''} and checkpoints in {out} ({seconds:.0f}s)")
+    what = "model" if config.method == "full" else "adapter"
+    say(f"{what}, metrics.json{', loss.png' if plot else ''} and checkpoints in {out} ({seconds:.0f}s)")
     return TrainResult(out, progress, metrics, notes, seconds)
 
 
@@ -295,7 +296,8 @@ def _load_data(config: TrainConfig, tokenizer):
         ds = data_mod.load_causal_lm(config.data, tokenizer, config.max_length)
     else:
         ds = data_mod.load_classification(config.data, tokenizer, config.max_length)
-    train_set, eval_set = data_mod.split(ds, config.eval_fraction, config.seed, config.max_eval)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    train_set, eval_set = data_mod.split(ds, config.eval_fraction, split_seed, config.max_eval)
     if config.packing and config.task == "causal-lm":
         train_set.examples = data_mod.pack(train_set.examples, config.max_length)
     if not eval_set.examples:
@@ -304,7 +306,7 @@ def _load_data(config: TrainConfig, tokenizer):
 
 
 def _load_model(config: TrainConfig, label_names: list[str], world: World) -> nn.Module:
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    dtype = method_for(config).model_dtype(config)
     if config.task == "classify":
         model = load_base_model(config.base, "SEQ_CLS", dtype=dtype, num_labels=len(label_names),
                                 id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
