@@ -97,7 +97,8 @@ def block_saved(s: Shape, step: Step, adapted: dict[str, Adapted], grad_in: bool
     if keeps_input(MLP_INPUT):
         n += T * h * e
     gate_grad, up_grad = mid_grad or "gate_proj" in adapted, mid_grad or "up_proj" in adapted
-    n += T * i * e * ((1 if gate_grad else 0) + (1 if up_grad else 0) + (1 if gate_grad else 0))  # SiLU input; SiLU out and up out for the product
+    # SiLU keeps its input, and SiLU(gate)·up keeps each factor for the other's gradient.
+    n += T * i * e * (2 * int(gate_grad) + int(up_grad))
     if keeps_input(("down_proj",)):
         n += T * i * e
     return n, mid_grad or gate_grad or up_grad or "down_proj" in adapted
@@ -130,6 +131,9 @@ def activation_memory(s: Shape, step: Step, adapted: list[Adapted], checkpointin
         n, grad = block_saved(s, step, mine, grad)
         blocks.append(n)
     head, log_softmax = head_saved(s, step, checkpointing) if grad else (0, 0)
+    for a in adapted:  # outside the blocks (an adapted output head or embedding): its input and x·Aᵀ
+        if a.block is None:
+            head += step.tokens * (a.in_features * step.act_bytes + a.rank * step.adapter_bytes)
     T, e = step.tokens, step.act_bytes
     # Loss backward holds the log-softmax, its gradient and the logits' gradient (all fp32) at once.
     loss_tmp = 2 * T * s.vocab * F32 if grad else 0

@@ -110,7 +110,7 @@ def plan_memory(model_or_config, method: str = "all", rank: int = 8, alpha: floa
         rows[m] = _method_memory(m, shape, base, adapter, pb, pa, batch, seq, gradient_checkpointing, optim, device)
     serving = ServingMemory(serve_adapters, base.total * pb, _nf4_base(base, pb), adapter.trainable * pa)
     return MemoryPlan(config.model_type, dtype, lora, base, adapter, batch, seq, gradient_checkpointing, optim, device,
-                      rows, serving, _notes(config, shape, base, adapter, pb, device, methods))
+                      rows, serving, _notes(config, shape, base, pb, device, methods, optim))
 
 
 def _method_memory(method, shape, base, adapter, pb, pa, batch, seq, checkpointing, optim, device) -> MethodMemory:
@@ -172,7 +172,7 @@ def _dtype(value) -> torch.dtype:
     raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
 
 
-def _notes(config, shape, base, adapter, pb, device, methods) -> list[str]:
+def _notes(config, shape, base, pb, device, methods, optim) -> list[str]:
     notes = []
     if not shape.exact:
         notes.append(f"activations: the formula is written for Llama-style decoders; for {config.model_type} it is an estimate")
@@ -185,5 +185,8 @@ def _notes(config, shape, base, adapter, pb, device, methods) -> list[str]:
             notes.append(f"on a CPU with AVX512-BF16, bitsandbytes 0.50 repacks the 4-bit weights at the first no-grad "
                          f"forward (an evaluation): {packed / max(base.linear, 1):.4f} B per linear weight, "
                          f"+{(packed - std) / 2**20:,.1f} MiB; training steps alone keep the standard layout")
+    if optim == "adamw" and device == "cuda" and "full" in methods:
+        notes.append("full FT's optimizer step assumes torch.optim.AdamW's default foreach kernels, whose scratch is one "
+                     "more copy of the trainable parameters; AdamW(fused=True) or an 8-bit optimizer avoids it")
     notes.append("not included: the framework itself (CUDA context, Python and libraries), a KV cache, data loading")
     return notes

@@ -37,8 +37,8 @@ def format_plan(plan) -> str:
         lines.append(f"{'  ' + title:24}" + "".join(f"{_cell(getattr(c, attr)):>{width}}" for c in cols))
     lines.append(f"{'  peak':24}" + "".join(f"{human(c.peak):>{width}}" for c in cols))
     lines.append(f"{'  peak is at':24}" + "".join(f"{c.peak_at:>{width}}" for c in cols))
-    lines.append("  (gradients are freed after each step and activations during backward, so the peak is weights + "
-                 "adapter + optimizer + the larger of activations and gradients, plus temporaries)")
+    lines.append("  peak = weights + adapter + optimizer + (activations or gradients, whichever moment is fuller) + temporaries:")
+    lines.append("  zero_grad(set_to_none=True) frees gradients after each step, and backward frees activations as it goes")
     s = plan.serving
     if s.adapters:
         lines += ["", f"serving {s.adapters} adapters ({human(s.adapter_each)} each)",
