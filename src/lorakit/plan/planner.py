@@ -87,6 +87,7 @@ def plan_memory(model_or_config, method: str = "all", rank: int = 8, alpha: floa
     counts are exactly what training would get; no weight is read. `dtype` is the model's dtype
     (default: the config's, else fp32); QLoRA's adapters and compute use it too. `device` ("cuda" or
     "cpu") decides the optimizer's scratch memory and whether the CPU-repacked NF4 layout applies.
+    `lora_config`: a whole LoraConfig (layers_to_transform, rank_pattern, ...) instead of rank/alpha/targets.
     """
     methods = _methods(method)
     if optim not in OPTIMIZERS:
