@@ -130,9 +130,9 @@ def _method_memory(method, shape, base, adapter, pb, pa, batch, seq, checkpointi
         step = Step(batch, seq, pb, tb, full=False)
         modules = adapter.modules
         biggest = max((a.in_features * a.out_features for a in modules), default=0)
-        # LoRA in fp32 folds scale·B·A into a temporary copy of the weight for long batches (layers.py);
-        # a 4-bit layer de-quantises its weight to the compute dtype for the matmul. One layer at a time.
-        scratch = biggest * 4 if method == "lora" and pb == 4 else (biggest * pb if method == "qlora" else 0)
+        # LoRA in fp32 folds scale·B·A into a temporary copy of an adapted weight for long batches (fused.py);
+        # every 4-bit layer de-quantises its weight to the compute dtype for the matmul. One layer at a time.
+        scratch = biggest * 4 if method == "lora" and pb == 4 else (base.largest_linear * pb if method == "qlora" else 0)
     act = activation_memory(shape, step, modules, checkpointing)
     gradients = trainable * tb
     optimizer = optimizer_bytes(sizes, tb, optim)
