@@ -32,6 +32,7 @@ from .io import check_adapter_files, load_adapter, read_adapter_config, save_ada
 from .layers import LoraLayer
 from .merge import merge, merge_and_unload, unload, unmerge
 from .variants.mixture import MixtureConfig
+from .plan import plan_memory
 
 add_adapter = inject  # the same operation under the name people look for
 
@@ -43,6 +44,7 @@ __all__ = [
     "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
     "combine_adapters", "resize_adapter", "extract_adapter",
     "MixtureConfig", "add_mixture", "save_mixture", "load_mixture", "mixture_balance_loss",
+    "plan_memory",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
 ]

@@ -9,7 +9,8 @@ from .errors import LorakitError
 
 # Subcommands that live in their own packages, with the extra that installs what they need.
 LATER_COMMANDS = (("lorakit.train.cli", "train", "train"), ("lorakit.train.generate_cli", "generate", "train"),
-                  ("lorakit.serve.cli", "serve", "serve"), ("lorakit.compose.cli", "combine", "train"))
+                  ("lorakit.serve.cli", "serve", "serve"), ("lorakit.compose.cli", "combine", "train"),
+                  ("lorakit.plan.cli", "plan", "train"))
 
 
 def _inspect(args) -> int:
