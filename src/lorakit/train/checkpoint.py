@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..files import atomic_directory
-from ..io import load_adapter_weights, save_adapter
+from ..io import load_adapter_weights
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -72,8 +72,8 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, progress: Progress, keep: int,
-                    save_weights: Callable[[nn.Module, Path], object] = save_adapter) -> Path:
-    """`save_weights(model, dir)` writes what trains (default: the adapter; full fine-tuning: the model)."""
+                    save_weights: Callable[[nn.Module, Path], object]) -> Path:
+    """`save_weights(model, dir)` writes what trains, as the method restores it (train/methods.py)."""
     root = out / "checkpoints"
     target = root / f"step-{progress.step:06d}"
     with atomic_directory(target) as tmp:

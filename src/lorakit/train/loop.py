@@ -199,14 +199,14 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
             _evaluate_during(config, world, model, eval_set, pad_id, tokenizer, progress, out, bar)
         if config.save_every and progress.step % config.save_every == 0 and world.is_main:
             save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints,
-                            method_for(config).save_checkpoint_weights)
+                            method.save_checkpoint_weights)
         if config.save_every and progress.step % config.save_every == 0:
             world.barrier()
     bar.close()
     # Always end with a checkpoint, so a finished run can be continued (--resume with a larger --max-steps).
     saved = {p.name for p in list_checkpoints(out)} if world.is_main else set()
     if world.is_main and progress.step > 0 and f"step-{progress.step:06d}" not in saved:
-        save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints)
+        save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints, method.save_checkpoint_weights)
     world.barrier()
 
 
