@@ -11,6 +11,7 @@ from .adapters import (
     set_trainable,
 )
 from .config import LoraConfig
+from .convert import adalora_to_lora
 from .errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -27,6 +28,8 @@ from .inject import inject, trainable_parameters
 from .io import check_adapter_files, load_adapter, read_adapter_config, save_adapter
 from .layers import LoraLayer
 from .merge import merge, merge_and_unload, unload, unmerge
+from .variants.adalora import AdaLoraConfig
+from .variants.adalora_budget import adalora_orth_loss, adalora_step
 
 add_adapter = inject  # the same operation under the name people look for
 
@@ -36,6 +39,7 @@ __all__ = [
     "LoraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
     "set_active", "set_trainable", "adapter_rows", "check_adapter_files", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
     "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
+    "AdaLoraConfig", "adalora_step", "adalora_orth_loss", "adalora_to_lora",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
 ]

@@ -120,6 +120,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
     from tqdm.auto import tqdm
 
     compute_loss = loss_fn(config.task)
+    method = method_for(config)
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=config.max_steps, initial=progress.step, disable=not world.is_main, desc="train",
                dynamic_ncols=True, mininterval=1.0)
@@ -144,7 +145,9 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
             # Divide by the count over the whole step (all micro-batches, all processes), so accumulation
             # and data parallelism give the gradient one big batch would; DDP averages, so undo its 1/size.
             with ctx:
-                (loss_sum * (world.size / max(global_count, 1))).backward()
+                loss = loss_sum * (world.size / max(global_count, 1))
+                extra = method.extra_loss(model)  # once per step in all: a share per micro-batch
+                (loss if extra is None else loss + extra / len(local)).backward()
             loss_total += float(loss_sum.detach())
         loss_value = world.sum(loss_total) / max(global_count, 1)
         grad_norm = _clip(params, config.max_grad_norm)
@@ -160,6 +163,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
             bar.write(progress.stopped_reason) if world.is_main else None
             break
         optimizer.step()
+        method.after_step(model, progress.step + 1)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1

@@ -15,17 +15,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safetensors.torch import load_file, save_file
+
 from ..adapters import disabled
 from ..config import LoraConfig
+from ..errors import ConfigError
+from ..files import atomic_write
 from ..inject import inject
 from ..io import WEIGHTS_NAME, load_adapter_weights, save_adapter
+from ..variants.adalora import AdaLoraConfig
+from ..variants.adalora_budget import adalora_orth_loss, adalora_step, adalora_training_state, load_adalora_training_state
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 
 ADAPTER = "default"
 
 
-class LoraMethod:
+class MethodHooks:
+    """What a method may add to every step of the shared loop; nothing by default."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to each optimizer step's loss (e.g. a regulariser), or None."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Runs after optimizer step `step` (1, 2, ...), while the gradients are still there."""
+
+
+class LoraMethod(MethodHooks):
     """Train an adapter on a frozen base; OUT receives the adapter in PEFT's format."""
 
     weights_file = WEIGHTS_NAME
@@ -53,7 +70,7 @@ class LoraMethod:
         load_adapter_weights(model, ADAPTER, path)
 
 
-class FullMethod:
+class FullMethod(MethodHooks):
     """Train every weight; OUT receives a full model directory (`from_pretrained` loads it, tokenizer included)."""
 
     weights_file = "model.safetensors"
@@ -76,7 +93,43 @@ class FullMethod:
         load_full_weights(model, path)
 
 
-METHODS = {"lora": LoraMethod(), "full": FullMethod()}
+class AdaLoraMethod(LoraMethod):
+    """AdaLoRA: the adapter starts at rank 1.5·--rank per layer and the allocator prunes it to --rank per layer on
+    average (cubic schedule over 10%-80% of the steps, then fixed), with the orthogonality regulariser in the loss.
+    OUT receives PEFT's ADALORA format; each save also writes the allocator's state, so --resume is exact."""
+
+    state_file = "adalora_state.safetensors"
+
+    def lora_config(self, config: TrainConfig) -> AdaLoraConfig:
+        if config.rslora:
+            raise ConfigError("--rslora does not apply to --method adalora (its scale is alpha/init_r); drop it")
+        lora = super().lora_config(config)
+        return AdaLoraConfig(init_r=config.rank + config.rank // 2, target_r=config.rank, alpha=config.alpha,
+                             dropout=config.dropout, target_modules=lora.target_modules,
+                             layers_to_transform=lora.layers_to_transform, task_type=lora.task_type,
+                             base_model_name_or_path=lora.base_model_name_or_path, total_step=config.max_steps,
+                             tinit=config.max_steps // 10, tfinal=config.max_steps // 5)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor:
+        return adalora_orth_loss(model, ADAPTER)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        adalora_step(model, step, ADAPTER)
+
+    def save(self, model: nn.Module, path: Path, tokenizer=None) -> None:
+        save_adapter(model, path)
+        state = adalora_training_state(model, ADAPTER)
+        atomic_write(Path(path) / self.state_file, lambda tmp: save_file(state, tmp))
+
+    def restore(self, model: nn.Module, path: Path) -> None:
+        file = Path(path) / self.state_file
+        if not file.exists():
+            raise CheckpointError(f"{file} is missing: an AdaLoRA checkpoint needs it to continue (the adapter file "
+                                  "holds only the kept triplets); resume from a checkpoint written by --method adalora")
+        load_adalora_training_state(model, load_file(file), ADAPTER)
+
+
+METHODS = {"lora": LoraMethod(), "full": FullMethod(), "adalora": AdaLoraMethod()}
 
 
 def method_for(config: TrainConfig):

@@ -11,11 +11,12 @@ from typing import Any
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraAdapter
+from .adalora import AdaLoraAdapter, AdaLoraConfig
 
 # config.method -> the adapter class built on every target layer
-ADAPTERS: dict[str, type] = {"lora": LoraAdapter}
+ADAPTERS: dict[str, type] = {"lora": LoraAdapter, "adalora": AdaLoraAdapter}
 # adapter_config.json's peft_type -> the config class that reads it
-CONFIGS: dict[str, type] = {"LORA": LoraConfig}
+CONFIGS: dict[str, type] = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig}
 
 
 def adapter_class(config) -> type:
