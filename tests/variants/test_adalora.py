@@ -306,3 +306,21 @@ def test_server_store_serves_adalora_per_row(llama_dir, tmp_path):
         out = served(batch).logits
     torch.testing.assert_close(out[0], expected[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(out[1], base[1], atol=ATOL, rtol=0)
+
+
+def test_conv2d_matches_peft_and_merges(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    base = copy.deepcopy(net)
+    lorakit.inject(net, ada(target_modules=["0", "2"]))
+    randomise_lora(net)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = net(x)
+        lorakit.save_adapter(net, tmp_path / "conv")
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "conv").eval()
+        torch.testing.assert_close(peft_model(x), expected, atol=ATOL, rtol=0)
+        lorakit.merge(net)
+        torch.testing.assert_close(net(x), expected, atol=ATOL, rtol=0)

@@ -98,7 +98,7 @@ class AdaLoraConfig(LoraConfig):
 
     def to_peft_dict(self, target_modules: list[str] | str | None = None) -> dict[str, Any]:
         d = super().to_peft_dict(target_modules)
-        d.update(peft_type="ADALORA", r=self.r, init_lora_weights=True, rank_pattern=dict(self.rank_pattern) or None,
+        d.update(peft_type="ADALORA", init_lora_weights=True, rank_pattern=dict(self.rank_pattern) or None,
                  init_r=self.init_r, target_r=self.target_r, tinit=self.tinit, tfinal=self.tfinal, deltaT=self.delta_t,
                  beta1=self.beta1, beta2=self.beta2, orth_reg_weight=self.orth_reg_weight, total_step=self.total_step)
         return d
@@ -155,7 +155,7 @@ class AdaLoraAdapter(LoraAdapter):
         self.lora_A = nn.Parameter(torch.empty(r, math.prod(a_shape[1:]), dtype=dtype, device=w.device))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.empty(b_shape[0], r, dtype=dtype, device=w.device))
-        # E = 0 makes the adapter a no-op at the start; A and B start near-orthogonal-small as in PEFT and the paper.
+        # E = 0: the adapter starts as a no-op; A, B ≠ 0 (PEFT's N(0, 0.02)), so E gets a gradient from the first step.
         nn.init.normal_(self.lora_A, std=0.02)
         nn.init.normal_(self.lora_B, std=0.02)
         self.scale = float(scale)
