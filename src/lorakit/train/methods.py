@@ -13,9 +13,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..adapters import disabled
 from ..config import LoraConfig
