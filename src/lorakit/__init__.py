@@ -15,6 +15,7 @@ from .compose.extract import extract_adapter
 from .compose.mixture import add_mixture, load_mixture, mixture_balance_loss, save_mixture
 from .compose.resize import resize_adapter
 from .config import LoraConfig
+from .convert import adalora_to_lora
 from .errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -33,6 +34,8 @@ from .layers import LoraLayer
 from .merge import merge, merge_and_unload, unload, unmerge
 from .variants.mixture import MixtureConfig
 from .plan import plan_memory
+from .variants.adalora import AdaLoraConfig
+from .variants.adalora_budget import adalora_orth_loss, adalora_step
 
 add_adapter = inject  # the same operation under the name people look for
 
@@ -45,6 +48,7 @@ __all__ = [
     "combine_adapters", "resize_adapter", "extract_adapter",
     "MixtureConfig", "add_mixture", "save_mixture", "load_mixture", "mixture_balance_loss",
     "plan_memory",
+    "AdaLoraConfig", "adalora_step", "adalora_orth_loss", "adalora_to_lora",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
 ]

@@ -42,6 +42,14 @@ def _merge(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .convert import adalora_to_lora
+
+    adalora_to_lora(args.adapter, args.out)
+    print(f"LoRA adapter with equal outputs written to {args.out}")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -74,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype to load, merge and save in (default: merge in fp32, save in the base's stored dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("convert", help="rewrite an adapter in another method's form with equal outputs (AdaLoRA -> LoRA)")
+    p.add_argument("adapter", help="adapter directory to convert (an AdaLoRA adapter)")
+    p.add_argument("--to", required=True, choices=["lora"], help="the form to write: lora (servable by any LoRA server)")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("demo", help="inject, train, save, reload and merge on a tiny built-in model")
     p.add_argument("--steps", type=int, default=60)

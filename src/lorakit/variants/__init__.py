@@ -11,13 +11,14 @@ from typing import Any
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraAdapter
+from .adalora import AdaLoraAdapter, AdaLoraConfig
 from .mixture import MixtureAdapter
 from .pissa import ResidualInitAdapter, is_residual_init
 
 # config.method -> the adapter class built on every target layer
-ADAPTERS: dict[str, type] = {"lora": LoraAdapter, "mixture": MixtureAdapter}
+ADAPTERS: dict[str, type] = {"lora": LoraAdapter, "adalora": AdaLoraAdapter, "mixture": MixtureAdapter}
 # adapter_config.json's peft_type -> the config class that reads it
-CONFIGS: dict[str, type] = {"LORA": LoraConfig}
+CONFIGS: dict[str, type] = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig}
 
 
 def adapter_class(config) -> type:
