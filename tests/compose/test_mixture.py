@@ -175,6 +175,9 @@ def test_lorakit_train_mixture_trains_routers_and_resumes(lm_dir, tmp_path, toke
     run(*mix, "--out", str(tmp_path / "r"), "--max-steps", "4", "--save-every", "2", "--resume")
     again = load_file(tmp_path / "r" / "router.safetensors")
     assert all(torch.equal(again[k], routers[k]) for k in routers)
+    # a run that ends between checkpoints still ends with one, written in the mixture's own form
+    run(*mix, "--out", str(tmp_path / "odd"), "--max-steps", "3", "--save-every", "2", keep=3)
+    assert (tmp_path / "odd" / "checkpoints" / "step-000003" / "router.safetensors").exists()
     # the saved mixture loads back with equal outputs
     model = load(lm_dir)
     lorakit.load_mixture(model, tmp_path / "m")
