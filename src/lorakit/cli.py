@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .device import add_device_argument
 from .errors import LorakitError
 
 # Subcommands that live in their own packages, with the extra that installs what they need.
@@ -37,7 +38,7 @@ def _inspect(args) -> int:
 def _merge(args) -> int:
     from .merge_cli import merge_to_directory
 
-    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite, device=args.device)
     print(f"merged model written to {args.out}")
     return 0
 
@@ -53,7 +54,7 @@ def _convert(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return 0 if run_demo(steps=args.steps)["ok"] else 1
+    return 0 if run_demo(steps=args.steps, device=args.device)["ok"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="dtype to load, merge and save in (default: merge in fp32, save in the base's stored dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    add_device_argument(p)
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("convert", help="rewrite an adapter in another method's form with equal outputs (AdaLoRA -> LoRA)")
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="inject, train, save, reload and merge on a tiny built-in model")
     p.add_argument("--steps", type=int, default=60)
+    add_device_argument(p)
     p.set_defaults(func=_demo)
 
     _add_later_commands(sub)

@@ -54,3 +54,7 @@ class MergeStateError(LorakitError, RuntimeError):
 
 class ModelConfigError(LorakitError, ValueError):
     """A model config (config.json) is missing, unreadable, or lacks a key a plan needs."""
+
+
+class DeviceError(LorakitError, ValueError):
+    """A `--device` (or `device=`) that is malformed, or names a GPU this machine does not have."""

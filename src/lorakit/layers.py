@@ -212,7 +212,7 @@ class LoraAdapter(nn.Module):
             and (isinstance(self.dropout, nn.Identity) or not self.training)
             and not base_weight.requires_grad
             and self.lora_A.dtype == x.dtype == base_weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
         )
 
     def row_factors(self, layer: "LoraLayer") -> tuple[torch.Tensor, torch.Tensor]:

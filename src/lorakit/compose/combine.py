@@ -25,6 +25,7 @@ from torch import nn
 
 from ..adapters import require
 from ..config import LoraConfig
+from ..device import seeded_gpus
 from ..errors import AdapterExistsError, ConfigError, IncompatibleAdapterError
 from ..inject import inject
 from ..state import adapter_layers, get_state, lora_layers
@@ -58,7 +59,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], method: str = 
     base = method.removesuffix("_svd")
     # The random methods draw from the global generator, in PEFT's order (layer by layer, A's then B's), inside
     # fork_rng so that the caller's random state is left as it was (the new adapter's throwaway init too).
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=seeded_gpus()):
         torch.manual_seed(seed)
         for layer_name, parts in layers.items():
             if method == "cat":
@@ -268,7 +269,7 @@ def combine_adapter_files(sources: list[tuple[str, float]], out, method: str = "
         raise IncompatibleAdapterError(f"method {method!r} needs every adapter to adapt the same layers; "
                                        "use method='cat' or 'svd'")
     factors = {}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=seeded_gpus()):
         torch.manual_seed(seed)
         for module in sorted(layers, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]):
             parts = layers[module]

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..device import add_device_argument
 from ..errors import ConfigError
 from ..hf import BUILTIN
 from .config import LORA_ONLY, METHODS, TrainConfig, full_refusal, read_config_file, resolve
@@ -68,6 +69,7 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16"])
+    add_device_argument(p, default=None)  # None: the config file's (or a resumed run's), else auto
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--max-length", type=int)
     p.add_argument("--packing", action="store_true", default=None, help="pack text rows into max-length blocks")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..device import check_device_spec
 from ..errors import ConfigError
 
 TASKS = ("causal-lm", "classify")
@@ -55,6 +56,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (lorakit.device); under torchrun, one GPU per process
     gradient_checkpointing: bool = False
     seed: int = 0
     split_seed: int | None = None  # which rows are held out; None: --seed (set it to vary --seed on one held-out set)
@@ -90,6 +92,7 @@ class TrainConfig:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_device_spec(self.device)  # its spelling only: a config may be written on another machine
         for name in ("max_steps", "batch_size", "grad_accum", "rank", "max_length", "keep_checkpoints", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

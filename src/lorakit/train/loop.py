@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import trainable_parameters
+from ..device import check_bf16, describe, model_device, to_device
 from ..errors import ConfigError
 from ..files import atomic_write_json, atomic_write_text
 from ..hf import BUILTIN, load_base_model, load_tokenizer, resolve_base
@@ -49,7 +50,7 @@ class TrainResult:
 
 def train(config: TrainConfig, world: World | None = None) -> TrainResult:
     own_world = world is None
-    world = world or init_world()
+    world = world or init_world(config.device)
     try:
         return _train(config, world)
     finally:
@@ -64,6 +65,9 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     check_out_dir(out, config.resume, config.overwrite)
     _seed_everything(config.seed)
     say = print if world.is_main else (lambda *a, **k: None)
+    if config.precision == "bf16":
+        check_bf16(world.device)
+    say(f"device: {describe(world.device)}" + (f" (one of {world.size} processes)" if world.size > 1 else ""))
 
     tokenizer = load_tokenizer(config.base)
     train_set, eval_set, skipped = _load_data(config, tokenizer, say)
@@ -151,7 +155,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
     while progress.step < config.max_steps:
         t0 = time.perf_counter()
         micro = [_next_micro_batch(progress, train_set, config, world, rows_per_micro) for _ in range(config.grad_accum)]
-        local = [data_mod.collate(rows, pad_id) for rows in micro]
+        local = [to_device(data_mod.collate(rows, pad_id), world.device) for rows in micro]
         counts = [_target_count(b, config.task) for b in local]
         global_count = world.sum(sum(counts))
         loss_total = 0.0
@@ -277,7 +281,8 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         "trainable_params": count.trainable,
         "total_params": count.total,
         **step_times(progress.step_seconds),
-        **peak_memory(next(model.parameters()).device),
+        "device": describe(model_device(model)),
+        **peak_memory(model_device(model)),
         "train_loss": progress.train_loss,
         "eval": progress.eval_metrics,
         "diagnostics": notes,
