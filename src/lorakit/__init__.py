@@ -27,13 +27,14 @@ from .inject import inject, trainable_parameters
 from .io import check_adapter_files, load_adapter, read_adapter_config, save_adapter
 from .layers import LoraLayer
 from .merge import merge, merge_and_unload, unload, unmerge
+from .variants import VeraConfig
 
 add_adapter = inject  # the same operation under the name people look for
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
+    "LoraConfig", "VeraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
     "set_active", "set_trainable", "adapter_rows", "check_adapter_files", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
     "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import ConfigError
-from .config import LORA_ONLY, METHODS, TrainConfig, full_refusal, read_config_file, resolve
+from .config import LORA_ONLY, METHOD_DEFAULTS, METHODS, TrainConfig, full_refusal, read_config_file, resolve
 
 
 def add_parser(sub) -> None:
@@ -19,8 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help="JSONL/CSV training data (default: bundled WordNet data)")
     p.add_argument("--task", choices=["causal-lm", "classify"], help=f"default {d.task}")
     p.add_argument("--out", help=f"output directory (default {d.out})")
-    p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter) or full (every weight; OUT "
-                   f"receives a full model directory) (default {d.method})")
+    p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter), vera (a VeRA adapter: --rank "
+                   f"defaults to 256, --lr to 1e-2) or full (every weight; OUT receives a full model directory) "
+                   f"(default {d.method})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: only at the end)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: only at the end)")
@@ -62,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     file_values = read_config_file(args.config) if args.config else {}
     merged = {**file_values, **{k: v for k, v in flags.items() if v is not None}}
     full = merged.get("method") == "full"
+    method_defaults = METHOD_DEFAULTS.get(merged.get("method"), {})
     given = [k for k in LORA_ONLY if k in file_values or flags.get(k) is not None]
     if full and given:
         raise ConfigError(full_refusal(given))
@@ -71,10 +73,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         demo = demo_settings(merged.get("task", "causal-lm"))
         if full:  # the demo's adapter settings; full fine-tuning trains every layer
             demo = {k: v for k, v in demo.items() if k not in LORA_ONLY}
-        file_values = {**demo, **file_values}
+        file_values = {**demo, **method_defaults, **file_values}
     elif merged.get("base") is None or merged.get("data") is None:
         missing = "--base" if merged.get("base") is None else "--data"
         raise ConfigError(f"{missing} is missing: pass both --base and --data, or neither for the built-in demo")
+    else:
+        file_values = {**method_defaults, **file_values}
     return resolve(file_values, flags)
 
 

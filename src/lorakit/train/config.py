@@ -15,9 +15,15 @@ SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 # What trains: "lora" (an adapter), "full" (every weight). A new method adds its name here and its behaviour
 # (which weights train, how they are saved and restored) to train/methods.py::METHODS.
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "vera")
 # Settings that only mean something for an adapter: --method full refuses them.
 LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "lora_plus_ratio")
+# Defaults that differ by method, applied by `lorakit train` under its flags and --config file (and over the
+# built-in demo's settings). VeRA trains two vectors per layer around a frozen random projection: the paper
+# uses r=256 and a learning rate ~10x LoRA's (the study in docs/benchmarks.md measured it on the demo).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"vera": {"rank": 256, "lr": 1e-2}}
+# Plain-LoRA settings VeRA has no use for (its λ vectors carry the scale; it has no B factor to speed up).
+NOT_VERA = ("alpha", "rslora", "lora_plus_ratio")
 
 
 @dataclass
@@ -87,11 +93,16 @@ class TrainConfig:
             raise ConfigError(f"lora_plus_ratio must be positive, got {self.lora_plus_ratio!r}")
         if isinstance(self.targets, str) and "," in self.targets:
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         if self.method == "full":
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
             changed = [name for name in LORA_ONLY if getattr(self, name) != defaults[name]]
             if changed:
                 raise ConfigError(full_refusal(changed))
+        if self.method == "vera":
+            changed = [name for name in NOT_VERA if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)}: plain-LoRA setting(s) that --method vera has no use for "
+                                  "(VeRA's trained vectors carry the scale, and it has no B factor); drop them")
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

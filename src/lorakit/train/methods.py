@@ -19,6 +19,7 @@ from ..adapters import disabled
 from ..config import LoraConfig
 from ..inject import inject
 from ..io import WEIGHTS_NAME, load_adapter_weights, save_adapter
+from ..variants import VeraConfig
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 
@@ -53,6 +54,16 @@ class LoraMethod:
         load_adapter_weights(model, ADAPTER, path)
 
 
+class VeraMethod(LoraMethod):
+    """Train a VeRA adapter (two vectors per layer around a frozen random projection); OUT receives PEFT's VERA format."""
+
+    def lora_config(self, config: TrainConfig) -> VeraConfig:
+        return VeraConfig(r=config.rank, dropout=config.dropout, target_modules=config.targets,
+                          layers_to_transform=config.layers_to_transform,
+                          task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",
+                          base_model_name_or_path=str(config.base))
+
+
 class FullMethod:
     """Train every weight; OUT receives a full model directory (`from_pretrained` loads it, tokenizer included)."""
 
@@ -76,7 +87,7 @@ class FullMethod:
         load_full_weights(model, path)
 
 
-METHODS = {"lora": LoraMethod(), "full": FullMethod()}
+METHODS = {"lora": LoraMethod(), "full": FullMethod(), "vera": VeraMethod()}
 
 
 def method_for(config: TrainConfig):

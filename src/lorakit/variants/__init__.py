@@ -11,11 +11,12 @@ from typing import Any
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraAdapter
+from .vera import VeraAdapter, VeraConfig
 
 # config.method -> the adapter class built on every target layer
-ADAPTERS: dict[str, type] = {"lora": LoraAdapter}
+ADAPTERS: dict[str, type] = {"lora": LoraAdapter, "vera": VeraAdapter}
 # adapter_config.json's peft_type -> the config class that reads it
-CONFIGS: dict[str, type] = {"LORA": LoraConfig}
+CONFIGS: dict[str, type] = {"LORA": LoraConfig, "VERA": VeraConfig}
 
 
 def adapter_class(config) -> type:
