@@ -51,9 +51,16 @@ def _peft_lora(**kw):
     return LoraConfig(target_modules=TARGETS, **kw)
 
 
+def _peft_vera(**kw):
+    from peft import VeraConfig
+
+    return VeraConfig(target_modules=TARGETS, **kw)
+
+
 METHODS: dict[str, Method] = {
     "lora": Method(lambda: lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS),
                    lambda: _peft_lora(r=16, lora_alpha=32)),
+    "vera": Method(lambda: lorakit.VeraConfig(r=256, target_modules=TARGETS), lambda: _peft_vera(r=256)),
 }
 
 

@@ -36,6 +36,7 @@ class AdapterReport:
     dtypes: list[str]
     layers: list[LayerReport] = field(default_factory=list)
     note: str | None = None  # why there is no per-layer report
+    num_layers: int = 0  # layers the file adapts
 
     def format(self) -> str:
         lines = [
@@ -46,7 +47,7 @@ class AdapterReport:
             f"rank r         {self.r}",
             f"alpha          {'none' if self.alpha is None else f'{self.alpha:g}'}  (scale {self.scale:g}{', rsLoRA' if self.rslora else ''})",
             f"targets        {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}",
-            f"layers         {len(self.layers)}",
+            f"layers         {self.num_layers or len(self.layers)}",
             f"parameters     {self.num_parameters:,}",
             f"file size      {_human(self.file_bytes)}  ({', '.join(self.dtypes)})",
         ]
@@ -84,6 +85,7 @@ def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterR
         num_parameters=sum(t.numel() for k, t in tensors.items() if not cls.is_model_tensor(k)),
         file_bytes=(path / WEIGHTS_NAME).stat().st_size + (path / CONFIG_NAME).stat().st_size,
         dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}), layers=layers, note=note,
+        num_layers=len(parts),
     )
 
 

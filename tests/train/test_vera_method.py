@@ -53,13 +53,13 @@ def test_vera_defaults_and_refusals(lm_dir, tmp_path, monkeypatch):
         return config_from_args(build_parser().parse_args(["train", *argv]))
 
     common = ["--base", str(lm_dir), "--data", str(tmp_path / "d.jsonl")]
-    assert (parse(*common, "--method", "vera").rank, parse(*common, "--method", "vera").lr) == (256, 1e-2)
+    assert (parse(*common, "--method", "vera").rank, parse(*common, "--method", "vera").lr) == (256, 3e-2)
     assert parse(*common, "--method", "vera", "--rank", "64", "--lr", "3e-3").rank == 64
     assert parse(*common).rank == 8  # other methods keep theirs
     import lorakit.train.builtin as builtin
 
     monkeypatch.setattr(builtin, "default_model_dir", lambda: lm_dir)
     demo = parse("--method", "vera")  # over the demo's LoRA settings too; its targets and steps stay
-    assert (demo.rank, demo.lr, demo.max_steps, demo.layers_to_transform) == (256, 1e-2, 60, list(range(18, 30)))
+    assert (demo.rank, demo.lr, demo.max_steps, demo.layers_to_transform) == (256, 3e-2, 60, list(range(18, 30)))
     with pytest.raises(ConfigError, match="alpha, lora_plus_ratio: plain-LoRA setting"):
         parse(*common, "--method", "vera", "--alpha", "32", "--lora-plus-ratio", "16")

@@ -335,6 +335,6 @@ def test_inspect_reports_the_method_and_the_trained_numbers(llama, tmp_path):
     vera(llama, targets="all-linear")
     lorakit.save_adapter(llama, tmp_path / "a")
     report = inspect_adapter(tmp_path / "a")
-    assert (report.method, report.r, report.alpha, report.scale) == ("vera", 16, None, 1.0)
+    assert (report.method, report.r, report.alpha, report.scale, report.num_layers) == ("vera", 16, None, 1.0, 14)
     assert report.num_parameters == lorakit.trainable_parameters(llama, verbose=False).trainable
     assert "method         vera" in report.format() and "not available" in report.format()

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--task", choices=["causal-lm", "classify"], help=f"default {d.task}")
     p.add_argument("--out", help=f"output directory (default {d.out})")
     p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter), vera (a VeRA adapter: --rank "
-                   f"defaults to 256, --lr to 1e-2) or full (every weight; OUT receives a full model directory) "
+                   f"defaults to 256, --lr to 3e-2) or full (every weight; OUT receives a full model directory) "
                    f"(default {d.method})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: only at the end)")
