@@ -52,6 +52,12 @@ def _peft_lora(**kw):
     return LoraConfig(target_modules=TARGETS, **kw)
 
 
+def _peft_vera(**kw):
+    from peft import VeraConfig
+
+    return VeraConfig(target_modules=TARGETS, **kw)
+
+
 def _peft_adalora(**kw):
     from peft import AdaLoraConfig
 
@@ -71,6 +77,7 @@ METHODS: dict[str, Method] = {
                       after_step_ours=lorakit.adalora_step,
                       after_step_peft=lambda m, step: m.base_model.update_and_allocate(step),
                       extra_loss_ours=lorakit.adalora_orth_loss),
+    "vera": Method(lambda: lorakit.VeraConfig(r=256, target_modules=TARGETS), lambda: _peft_vera(r=256)),
 }
 
 

@@ -36,13 +36,14 @@ from .variants.mixture import MixtureConfig
 from .plan import plan_memory
 from .variants.adalora import AdaLoraConfig
 from .variants.adalora_budget import adalora_orth_loss, adalora_step
+from .variants import VeraConfig
 
 add_adapter = inject  # the same operation under the name people look for
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
+    "LoraConfig", "VeraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
     "set_active", "set_trainable", "adapter_rows", "check_adapter_files", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
     "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
     "combine_adapters", "resize_adapter", "extract_adapter",

@@ -201,7 +201,7 @@ class AdapterFiles:
 
     @property
     def modules(self) -> list[str]:
-        return list(dict.fromkeys(t.module for t in self.tensors if t.name is not None))
+        return list(dict.fromkeys(t.module for t in self.tensors if t.name is not None and t.module))  # not model-level
 
 
 def check_adapter_files(path: str | os.PathLike, model: nn.Module | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..device import add_device_argument
 from ..errors import ConfigError
 from ..hf import BUILTIN
-from .config import LORA_ONLY, METHODS, TrainConfig, full_refusal, read_config_file, resolve
+from .config import LORA_ONLY, METHOD_DEFAULTS, METHODS, TrainConfig, full_refusal, read_config_file, resolve
 
 
 def add_parser(sub) -> None:
@@ -30,8 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--task", choices=["causal-lm", "classify"], help=f"default {d.task}")
     p.add_argument("--out", "--output-dir", dest="out", help=f"output directory (default {d.out})")
     p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter), adalora (an adapter whose rank "
-                   f"budget moves to the layers that need it: 1.5x --rank pruned to --rank on average), full (every "
-                   f"weight; OUT receives a full model directory) or mixture (routers over --mixture experts) "
+                   f"budget moves to the layers that need it: 1.5x --rank pruned to --rank on average), vera (a VeRA "
+                   f"adapter: --rank defaults to 256, --lr to 3e-2), full (every weight; OUT receives a full model "
+                   f"directory) or mixture (routers over --mixture experts) "
                    f"(default {d.method})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     p.add_argument("--epochs", "--num-train-epochs", dest="epochs", type=float,
@@ -105,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             file_values.pop(other, None)
     merged = {**file_values, **{k: v for k, v in flags.items() if v is not None}}
     full = merged.get("method") == "full"
+    method_defaults = METHOD_DEFAULTS.get(merged.get("method"), {})
     given = [k for k in LORA_ONLY if k in file_values or flags.get(k) is not None]
     if full and given:
         raise ConfigError(full_refusal(given))
@@ -114,10 +116,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         demo = demo_settings(merged.get("task", "causal-lm"))
         if full:  # the demo's adapter settings; full fine-tuning trains every layer
             demo = {k: v for k, v in demo.items() if k not in LORA_ONLY}
-        file_values = {**demo, **file_values}
+        file_values = {**demo, **method_defaults, **file_values}
     elif merged.get("data") is None:
         raise ConfigError("--data is missing: pass the training data (JSONL/CSV), or neither --base nor --data "
                           "for the built-in demo")
+    else:
+        file_values = {**method_defaults, **file_values}
     return resolve(file_values, flags)
 
 

@@ -24,6 +24,7 @@ from ..inject import inject
 from ..io import WEIGHTS_NAME, load_adapter_weights, save_adapter
 from ..variants.adalora import AdaLoraConfig
 from ..variants.adalora_budget import adalora_orth_loss, adalora_step, adalora_training_state, load_adalora_training_state
+from ..variants import VeraConfig
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 
@@ -72,6 +73,16 @@ class LoraMethod(MethodHooks):
 
     def restore(self, model: nn.Module, path: Path) -> None:
         load_adapter_weights(model, ADAPTER, path)
+
+
+class VeraMethod(LoraMethod):
+    """Train a VeRA adapter (two vectors per layer around a frozen random projection); OUT receives PEFT's VERA format."""
+
+    def lora_config(self, config: TrainConfig) -> VeraConfig:
+        return VeraConfig(r=config.rank, dropout=config.dropout, target_modules=config.targets,
+                          layers_to_transform=config.layers_to_transform,
+                          task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",
+                          base_model_name_or_path=str(config.base))
 
 
 class FullMethod(MethodHooks):
@@ -176,7 +187,8 @@ class MixtureMethod(LoraMethod):
         return None if balance is None or not self.load_balance else balance * self.load_balance
 
 
-METHODS = {"lora": LoraMethod(), "full": FullMethod(), "adalora": AdaLoraMethod(), "mixture": MixtureMethod()}
+METHODS = {"lora": LoraMethod(), "full": FullMethod(), "adalora": AdaLoraMethod(), "vera": VeraMethod(),
+           "mixture": MixtureMethod()}
 
 
 def method_for(config: TrainConfig):
