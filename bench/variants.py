@@ -54,6 +54,8 @@ def _peft_lora(**kw):
 METHODS: dict[str, Method] = {
     "lora": Method(lambda: lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS),
                    lambda: _peft_lora(r=16, lora_alpha=32)),
+    "dora": Method(lambda: lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS, use_dora=True),
+                   lambda: _peft_lora(r=16, lora_alpha=32, use_dora=True)),
 }
 
 

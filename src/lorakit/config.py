@@ -45,6 +45,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
     rslora: bool = False
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature on top of the LoRA direction
     bias: str = "none"
     init: str = "kaiming"
     task_type: str | None = None
@@ -78,7 +79,7 @@ class LoraConfig:
     @property
     def method(self) -> str:
         """Which adapter class this config builds (lorakit.variants.ADAPTERS)."""
-        return "lora"
+        return "dora" if self.use_dora else "lora"
 
     def rank_for(self, module_name: str) -> int:
         return int(_pattern_value(self.rank_pattern, module_name, self.r))
@@ -111,7 +112,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": self.modules_to_save,
             "use_rslora": self.rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "bias": self.bias,
             "fan_in_fan_out": False,
             "init_lora_weights": True if self.init == "kaiming" else "gaussian",
@@ -124,7 +125,7 @@ class LoraConfig:
         """Build from an adapter_config.json written by PEFT or by lorakit; refuse what we cannot honour."""
         if d.get("peft_type", "LORA") != "LORA":
             raise ConfigError(f"peft_type is {d.get('peft_type')!r}; lorakit loads LoRA adapters (peft_type 'LORA') only")
-        for flag in ("use_dora", "use_qalora"):
+        for flag in ("use_qalora",):
             if d.get(flag):
                 raise ConfigError(f"this adapter uses {flag}=true, which lorakit does not support yet")
         if d.get("lora_bias"):
@@ -142,6 +143,7 @@ class LoraConfig:
             alpha_pattern=dict(d.get("alpha_pattern") or {}),
             modules_to_save=d.get("modules_to_save"),
             rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
             bias=d.get("bias") or "none",
             init="gaussian" if init == "gaussian" else "kaiming",
             task_type=d.get("task_type"),

@@ -11,9 +11,10 @@ from typing import Any
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraAdapter
+from .dora import DoraAdapter
 
 # config.method -> the adapter class built on every target layer
-ADAPTERS: dict[str, type] = {"lora": LoraAdapter}
+ADAPTERS: dict[str, type] = {"lora": LoraAdapter, "dora": DoraAdapter}
 # adapter_config.json's peft_type -> the config class that reads it
 CONFIGS: dict[str, type] = {"LORA": LoraConfig}
 
