@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help="JSONL/CSV training data (default: bundled WordNet data)")
     p.add_argument("--task", choices=["causal-lm", "classify"], help=f"default {d.task}")
     p.add_argument("--out", help=f"output directory (default {d.out})")
-    p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter) or full (every weight; OUT "
-                   f"receives a full model directory) (default {d.method})")
+    p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter), dora (a DoRA adapter) or full "
+                   f"(every weight; OUT receives a full model directory) (default {d.method})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: only at the end)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: only at the end)")

@@ -13,9 +13,9 @@ from ..errors import ConfigError
 TASKS = ("causal-lm", "classify")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
-# What trains: "lora" (an adapter), "full" (every weight). A new method adds its name here and its behaviour
-# (which weights train, how they are saved and restored) to train/methods.py::METHODS.
-METHODS = ("lora", "full")
+# What trains: "lora" (an adapter), "full" (every weight), "dora" (a DoRA adapter). A new method adds its name
+# here and its behaviour (which weights train, how they are saved and restored) to train/methods.py::METHODS.
+METHODS = ("lora", "full", "dora")
 # Settings that only mean something for an adapter: --method full refuses them.
 LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "lora_plus_ratio")
 

@@ -53,6 +53,13 @@ class LoraMethod:
         load_adapter_weights(model, ADAPTER, path)
 
 
+class DoraMethod(LoraMethod):
+    """DoRA: a LoRA adapter plus a trained magnitude per output feature (saved as PEFT's use_dora adapter)."""
+
+    def lora_config(self, config: TrainConfig) -> LoraConfig:
+        return super().lora_config(config).replace(use_dora=True)
+
+
 class FullMethod:
     """Train every weight; OUT receives a full model directory (`from_pretrained` loads it, tokenizer included)."""
 
@@ -76,7 +83,7 @@ class FullMethod:
         load_full_weights(model, path)
 
 
-METHODS = {"lora": LoraMethod(), "full": FullMethod()}
+METHODS = {"lora": LoraMethod(), "full": FullMethod(), "dora": DoraMethod()}
 
 
 def method_for(config: TrainConfig):
