@@ -23,7 +23,9 @@ from ..fused import fused_linear
 from ..layers import CONV1D, CONV2D, EMBEDDING, LINEAR, LayerType, LoraAdapter, _tensor_versions
 
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's name, in the module tree and in the file
-SUPPORTED = (LINEAR, CONV1D, EMBEDDING, CONV2D)  # where PEFT has DoRA too; quantised layers are not among them
+# The layer types whose weight DoRA reads as it is (PEFT has DoRA on each); a type added later (quantised
+# layers) is refused by name until DoRA learns to read its weight.
+SUPPORTED = (LINEAR, CONV1D, EMBEDDING, CONV2D)
 
 # row_norms sums three terms; when they cancel to below this fraction of ‖W0_i‖², rounding in ‖W0_i‖² would
 # show in the result (relative error ≈ 1e-7 / fraction), so it sums the squares of W0 + s·B·A directly.
@@ -60,8 +62,9 @@ class DoraAdapter(LoraAdapter):
     def _row_norms(self, ltype: LayerType, base: nn.Module, w0: torch.Tensor) -> torch.Tensor:
         A, B = self.factors()
         key = _tensor_versions((w0, A, B)) + (self.scale,)
-        if self._norm is not None and self._norm[0] == key:
-            return self._norm[1]
+        cached = self._norm  # one read: a server thread may replace it meanwhile
+        if cached is not None and cached[0] == key:
+            return cached[1]
         # A normal tensor even under inference_mode, so a later forward with gradients can use it.
         with torch.inference_mode(False), torch.no_grad():
             W = ltype.from_layout(base, w0).to(A.dtype)
@@ -70,10 +73,10 @@ class DoraAdapter(LoraAdapter):
         return norm
 
     def _base_squares(self, w0: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        key = _tensor_versions((w0,))
-        if self._base_sq is None or self._base_sq[0] != key:
-            self._base_sq = (key, W.square().sum(1))
-        return self._base_sq[1]
+        key, cached = _tensor_versions((w0,)), self._base_sq
+        if cached is None or cached[0] != key:
+            cached = self._base_sq = (key, W.square().sum(1))
+        return cached[1]
 
     def dora_factor(self, layer) -> torch.Tensor:
         """g = m / ‖W0 + s·B·A‖ (out,): differentiable in m only."""
