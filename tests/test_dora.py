@@ -94,10 +94,10 @@ class Holder(nn.Module):
         return self.layer(x)
 
 
-def _conv1d_layer():
+def _conv1d_layer(n_in=10, n_out=12):
     from transformers.pytorch_utils import Conv1D
 
-    c = Conv1D(12, 10)  # (in 10, out 12)
+    c = Conv1D(n_out, n_in)  # weight (in, out)
     nn.init.normal_(c.bias)
     return c
 
@@ -157,6 +157,36 @@ def test_layer_output_equals_the_formula(kind):
     torch.testing.assert_close(y.detach(), expected, atol=ATOL, rtol=1e-5)
     y.square().sum().backward()
     assert layer.adapters["default"].lora_magnitude_vector.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows", [5, 50], ids=["row-wise", "folded"])  # fused._fold_is_cheaper's two routes
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fused_gradients_with_the_dora_factor(kind, rows):
+    """The fused function with DoRA's factor g gives autograd's gradients for x, A, B, the bias and m."""
+    from lorakit.fused import _fold_is_cheaper
+
+    torch.manual_seed(0)
+    model = Holder(nn.Linear(16, 24) if kind == "linear" else _conv1d_layer(16, 24))
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, target_modules=["layer"], use_dora=True, bias="lora_only"))
+    randomise_dora(model)
+    layer = model.layer
+    a, base = layer.adapters["default"], layer.base_layer
+    assert _fold_is_cheaper(3 * rows, 16, base.weight, 4) == (rows == 50)
+    x = torch.randn(3, rows, 16, requires_grad=True)
+    out = model(x)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    params = [x, a.lora_A, a.lora_B, a.lora_magnitude_vector, base.bias]
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    W0 = base.weight if kind == "linear" else base.weight.T
+    n = (W0 + a.scale * a.lora_B @ a.lora_A).norm(dim=1).detach()
+    ref = (a.lora_magnitude_vector / n) * (x @ W0.T + a.scale * (x @ a.lora_A.T) @ a.lora_B.T) + base.bias
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ref.backward(dy)
+    for mine, p in zip(got, params):
+        torch.testing.assert_close(mine, p.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_config_method_and_peft_dict():

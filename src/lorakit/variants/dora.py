@@ -103,7 +103,7 @@ class DoraAdapter(LoraAdapter):
         return (g - 1) * product + g * lora
 
     def fast_forward(self, layer, x: torch.Tensor, strength: float) -> torch.Tensor | None:
-        """`g ⊙ (W0 x + s·B·A x) + bias`: the fused LoRA function (no bias), then one rescaling pass.
+        """`g ⊙ (W0 x + s·B·A x) + bias` through the fused LoRA function, which takes the factor g.
 
         At strength w ≠ 1 the factor differs per feature between the two terms, so the general path runs.
         """
@@ -111,9 +111,7 @@ class DoraAdapter(LoraAdapter):
             return None
         A, B = self.factors()
         base = layer.base_layer
-        z = fused_linear(x, base.weight, None, A, B, self.scale, layer.type.fan_in_fan_out)
-        g = self.dora_factor(layer)
-        return torch.addcmul(base.bias, z, g) if base.bias is not None else z * g
+        return fused_linear(x, base.weight, base.bias, A, B, self.scale, layer.type.fan_in_fan_out, self.dora_factor(layer))
 
     def merged_weight(self, layer) -> torch.Tensor:
         """W' = g ⊙ (W0 + s·B·A) in the base weight's layout, fp32."""
