@@ -157,7 +157,7 @@ def row_norms(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, s
     """
     t = (W @ A.T).mul_(2).addmm_(B, A @ A.T, alpha=scale)
     n2 = sq + scale * (t * B).sum(1)
-    if bool((n2 < _CANCELLATION * sq).any()):
+    if not n2.is_meta and bool((n2 < _CANCELLATION * sq).any()):  # (meta: shapes only, e.g. memory planning)
         n2 = torch.addmm(W, B, A, alpha=scale).square().sum(1)
     # A zero row of W0 has m = 0: a tiny floor makes g = 0 there rather than 0/0.
     return n2.sqrt().clamp_min_(torch.finfo(n2.dtype).tiny)
