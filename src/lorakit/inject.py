@@ -11,7 +11,7 @@ from .config import LoraConfig
 from .errors import AdapterExistsError, ConfigError
 from .layers import LoraLayer, layer_type
 from .matching import default_targets, match_modules_to_save, match_targets
-from .state import ModulesToSave, get_state, replace_module
+from .state import ModulesToSave, base_parameters, get_state, replace_module
 from .variants import adapter_class
 
 
@@ -28,11 +28,13 @@ class TrainableCount(NamedTuple):
 
 
 def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default", activate: bool = True,
-           strict: bool = False) -> nn.Module:
+           strict: bool = False, trainable: bool = True) -> nn.Module:
     """Add adapter `adapter` to `model` in place: wrap the modules `config` targets and freeze the rest.
 
     The adapter starts as a no-op (B = 0), so the model's outputs do not change. Returns `model`.
     With `strict=True`, a name in `target_modules` that matches nothing is an error rather than a warning.
+    With `trainable=False` the new adapter is frozen too and the other adapters are left as they are (so
+    adding one costs the same however many the model holds: what loading for inference needs).
     """
     config = config or LoraConfig()
     if not hasattr(config, "method") or not hasattr(config, "target_modules"):
@@ -60,7 +62,13 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "d
     state.targets[adapter] = targets
     if activate or not state.active:
         set_active(model, adapter)
-    mark_trainable(model, adapter)
+    if trainable:
+        mark_trainable(model, adapter)
+    else:
+        for p in base_parameters(model):
+            p.requires_grad_(False)
+        for _, a in built:
+            a.requires_grad_(False)
     install_adapter_names(model)  # model(ids, adapter_names=[...]): one adapter per row
     return model
 

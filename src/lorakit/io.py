@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import rows
 from .adapters import delete_adapter
 from .errors import (
     AdapterFileError,
@@ -335,24 +336,33 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     """Add the adapter stored at `path` (PEFT's format) to `model` under `adapter`; works on a plain model too.
 
     Nothing is left half-loaded: on any error the adapter is removed again and the model is as before.
+    An adapter loaded for inference (`trainable=False`) goes into its layers' per-row slots and is held once.
     """
     files = check_adapter_files(path, model)
-    tensors = read_adapter_tensors(path)
+    return attach_adapter(model, files, read_adapter_tensors(path), adapter, activate=activate, trainable=trainable)
+
+
+def attach_adapter(model: nn.Module, files: AdapterFiles, tensors: dict[str, torch.Tensor], adapter: str,
+                   activate: bool = True, trainable: bool = False, slot_capacity: int | None = None) -> nn.Module:
+    """The model-changing half of `load_adapter`, for files already checked and read (a server reads them
+    outside its model lock): inject, copy the tensors, put an inference-only adapter in its per-row slots.
+    Its cost does not grow with the number of adapters the model holds. `slot_capacity`: see rows.put_in_slot."""
     try:
-        inject(model, files.config, adapter=adapter, activate=activate)
+        inject(model, files.config, adapter=adapter, activate=activate, trainable=trainable)
     except TargetModulesNotFoundError as e:
-        raise IncompatibleAdapterError(f"adapter {str(path)!r} does not fit this {type(model).__name__}: {e}") from None
+        raise IncompatibleAdapterError(f"adapter {str(files.path)!r} does not fit this {type(model).__name__}: {e}") from None
     try:
         copy_adapter_tensors(model, adapter, files, tensors)
+        if not trainable:
+            for _, wrapper in save_wrappers(model):
+                if adapter in wrapper.modules_to_save:
+                    wrapper.modules_to_save[adapter].requires_grad_(False)
+            for _, layer, a in adapter_layers(model, adapter):
+                if layer.type.per_row:
+                    rows.put_in_slot(layer, adapter, a, capacity=slot_capacity)
     except BaseException:
         delete_adapter(model, adapter)
         raise
-    if not trainable:
-        for _, _, a in adapter_layers(model, adapter):
-            a.requires_grad_(False)
-        for _, wrapper in save_wrappers(model):
-            if adapter in wrapper.modules_to_save:
-                wrapper.modules_to_save[adapter].requires_grad_(False)
     return model
 
 
