@@ -41,6 +41,7 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "d
         raise ConfigError(f"inject() takes a lorakit.LoraConfig (or a variant's config), got {type(config).__name__}")
     if not isinstance(adapter, str) or not adapter or "." in adapter:
         raise ConfigError(f"adapter names must be non-empty strings without dots, got {adapter!r}")
+    first = get_state(model) is None
     state = get_state(model, create=True)
     if adapter in state.configs:
         raise AdapterExistsError(f"model already has an adapter named {adapter!r}; delete it first or pick another name")
@@ -65,8 +66,9 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "d
     if trainable:
         mark_trainable(model, adapter)
     else:
-        for p in base_parameters(model):
-            p.requires_grad_(False)
+        if first:  # the base is frozen once; later adapters leave whatever the user has set since
+            for p in base_parameters(model):
+                p.requires_grad_(False)
         for _, a in built:
             a.requires_grad_(False)
     install_adapter_names(model)  # model(ids, adapter_names=[...]): one adapter per row

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.serve.engine import BatchCache, Engine, Job, QueueFullError, SamplingParams, TextStream, sample
+from lorakit.serve.batch_cache import BatchCache
+from lorakit.serve.engine import Engine, Job, QueueFullError
+from lorakit.serve.sampling import SamplingParams, sample
+from lorakit.serve.text import TextStream
 from tests.conftest import llama_config, randomise_lora
 
 
@@ -179,7 +182,7 @@ def test_eos_stop_strings_and_the_context_limit_finish_rows(engine):
     engine.eos_token_ids = {ord(first[0][4]) - 256}  # the 5th token ends the row
     eos = run(engine, [([3, 4], "a", SamplingParams(max_tokens=30, temperature=0))])[0]
     engine.eos_token_ids = set()
-    assert eos[1:] == ("stop", first[0].index(first[0][4]) + 1) and first[0].startswith(eos[0])
+    assert eos[1:] == ("eos", first[0].index(first[0][4]) + 1) and first[0].startswith(eos[0])
     stop = run(engine, [([3, 4], "a", SamplingParams(max_tokens=30, temperature=0, stop=(first[0][6:8],)))])[0]
     assert stop[0] == first[0][: first[0].index(first[0][6:8])] and stop[1] == "stop"
     long = run(engine, [(list(range(90)), None, SamplingParams(max_tokens=50, temperature=0))])[0]

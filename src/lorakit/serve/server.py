@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, IncompatibleAdapterError, LorakitError
 from .api_models import AdapterRequest, APIError, ChatRequest, CompletionRequest, Reply, parse, sse
-from .engine import Engine, EngineStoppedError, Event, Job, QueueFullError, SamplingParams
+from .engine import Engine, EngineStoppedError, Event, Job, QueueFullError
+from .sampling import SamplingParams
 from .store import AdapterInUseError, AdapterPathError, AdapterStore, StoreFullError
 
 
@@ -322,7 +323,7 @@ async def _stream(reply: "Reply", queue: asyncio.Queue, handles, include_usage: 
                 break
             if event.text or event.finish_reason:
                 delta = {"content": event.text} if reply.chat and event.text else ({} if reply.chat else event.text)
-                yield sse(reply.chunk(index, delta, event.finish_reason))
+                yield sse(reply.chunk(index, delta, reply.finish[index]))
         if include_usage:
             yield sse(reply.usage_chunk())
         yield "data: [DONE]\n\n"
