@@ -26,7 +26,7 @@ from .batch_cache import BatchCache
 from .lock import FairLock
 from .jobs import Event, Job, _Request
 from .prefill import Prefill, take_group
-from .sampling import SamplingParams, sample, token_logprob
+from .sampling import sample, token_logprob
 from .text import TextStream
 
 
