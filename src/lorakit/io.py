@@ -210,13 +210,16 @@ def check_adapter_files(path: str | os.PathLike, model: nn.Module | None = None,
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             raise AdapterFileError(f"{file}: tensor {key!r} has dtype {dtype_name}; adapter tensors must be floating point")
-        factor = split_factor_key(key)
+        canonical = canonical_key(key)
+        if canonical is None:  # a copy of a base weight some tools save next to a trained one
+            continue
+        factor = split_factor_key(canonical)
         if factor is None:
             if cls.is_model_tensor(key):
                 result.nbytes += _numel(shape) * adapter_dtype(dtype).itemsize
                 result.tensors.append(FileTensor(key, shape, "", key))
                 continue
-            logical = key.replace(".base_layer.", ".")
+            logical = on_model(canonical.replace(".base_layer.", "."), params)
             target = params.get(logical)
             if target is None:
                 raise IncompatibleAdapterError(
@@ -227,6 +230,7 @@ def check_adapter_files(path: str | os.PathLike, model: nn.Module | None = None,
             result.tensors.append(FileTensor(key, shape, logical, None))
             continue
         module_name, token = factor
+        module_name = on_model(module_name, modules)
         base = modules.get(module_name)
         if base is None:
             raise IncompatibleAdapterError(
@@ -248,6 +252,33 @@ def check_adapter_files(path: str | os.PathLike, model: nn.Module | None = None,
         result.tensors.append(FileTensor(key, shape, module_name, name))
     _check_complete(result, cls, modules, file)
     return result
+
+
+# Segments that wrappers add to parameter names (torch.compile, FSDP, activation checkpointing), as found in
+# adapters saved from a wrapped model's state_dict (e.g. axolotl's FSDP runs).
+_WRAPPERS = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+# PEFT's own wrapper of a module trained in full: `<module>.modules_to_save.<adapter>.<param>` in a raw state_dict.
+_SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+\.")
+
+
+def canonical_key(key: str) -> str | None:
+    """A tensor key (prefix removed) spelled as PEFT writes it, from the spellings other tools use: wrapper
+    segments dropped, `modules_to_save.<adapter>.` folded away. None for `original_module` copies of base weights
+    (raw state_dict dumps carry them; they are the base's, not the adapter's). The adapter name inside factor keys
+    (`lora_A.default.weight`) is handled by split_factor_key. The one place where key spellings are normalised."""
+    key = _SAVED_COPY.sub(".", _WRAPPERS.sub("", _strip_prefix(key)))
+    return None if ".original_module." in key else key
+
+
+def on_model(name: str, names) -> str:
+    """`name` (a module or parameter path) as the model spells it: as is, or with a leading `model.` added or
+    removed (adapters saved from the inner model, e.g. LlamaModel, or from a model wrapped once more)."""
+    if name in names:
+        return name
+    for candidate in ("model." + name, name.removeprefix("model.")):
+        if candidate in names:
+            return candidate
+    return name
 
 
 def split_factor_key(key: str) -> tuple[str, str] | None:
