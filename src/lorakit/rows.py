@@ -283,13 +283,14 @@ class RowPlan:
             return y
         n = x.shape[0] if x.dim() >= (1 if layer.type.takes_ids else 2) else 0
         scaled = []
-        for group, slots, rows in parts:
+        for group, slots, rows, scale in parts:
             slots, rows = self._expand(slots, rows, n, x)
             if rows is None:
-                y = _add_slots(layer, group, slots, x, y, self)
-            else:
-                sub = _add_slots(layer, group, slots, x.index_select(0, rows), y.index_select(0, rows), self)
-                y = y.index_copy_(0, rows, sub) if not torch.is_grad_enabled() else y.index_copy(0, rows, sub)
+                y = _add_slots(layer, group, slots, x, y, self, scale)
+            else:  # only these rows: their delta alone, added into theirs
+                delta = _add_slots(layer, group, slots, x.index_select(0, rows), None, self, scale).to(y.dtype)
+                alpha = 1.0 if scale is None else scale
+                y = y.index_add_(0, rows, delta, alpha=alpha) if not torch.is_grad_enabled() else y.index_add(0, rows, delta, alpha=alpha)
             if group.G is not None:
                 scaled.append((group, slots, rows))
         return y if not scaled else _rescale(layer, y, _column_factors(scaled, y, n))
@@ -308,7 +309,12 @@ class RowPlan:
         key = ("parts", tuple(None if s is None else (s.group.key, s.index) for s in per_row))
         layout = self._cached(key, lambda: _layout(per_row))
         groups = {s.group.key: s.group for s in slots.values()}
-        return [(groups[k], slot_index, rows) for k, slot_index, rows in layout]
+        parts = []
+        for k, slot_index, rows in layout:
+            # One scale for every row of the part (the usual case) rides on the final add's alpha: no gather, no pass.
+            scales = {s.group.scales[s.index] for s in slots.values() if s.group.key == k}
+            parts.append((groups[k], slot_index, rows, scales.pop() if len(scales) == 1 else None))
+        return parts
 
     def _expand(self, slots, rows, n: int, x: torch.Tensor):
         """Slots and rows for an input of `n` rows: generate() repeats each row in place for beams / return sequences."""
@@ -353,18 +359,21 @@ def _layout(per_row: list) -> list[tuple]:
     return out
 
 
-def _add_slots(layer, group: SlotGroup, slots, x: torch.Tensor, y: torch.Tensor, plan: RowPlan) -> torch.Tensor:
-    """y + each row's `scale · (x · Aᵀ[slot]) · Bᵀ[slot]` for rows whose adapters all sit in `group`."""
+def _add_slots(layer, group: SlotGroup, slots, x: torch.Tensor, y: torch.Tensor | None, plan: RowPlan,
+               scale: float | None) -> torch.Tensor:
+    """y + each row's `scale · (x · Aᵀ[slot]) · Bᵀ[slot]` for rows whose adapters all sit in `group` (in place into y
+    when no graph is recorded). `scale`: the one scale of all these rows, or None to read each row's. With y None,
+    the delta alone, shaped like x with the output's width (not multiplied by a common `scale`: the caller does)."""
     if isinstance(slots, int):
         return _add_one(layer, group, slots, x, y)
     if layer.type.takes_ids:
-        return _add_embedding_rows(group, slots, x, y)
+        return _add_embedding_rows(group, slots, x, y, scale)
     x3 = x.reshape(slots.shape[0], -1, x.shape[-1])
     if x3.shape[1] > FEW_TOKENS:
-        return _add_rows(group, slots, x3, y)
+        return _add_rows(group, slots, x3, y, scale)
     in_f, r = group.A.shape[1:]
     index = plan._cached(("bags", id(slots), x3.shape[1], in_f, r), lambda: _bag_index(slots, x3.shape[1], in_f, r))
-    return _add_rows_in_place(group, slots, index, x3, y)
+    return _add_rows_in_place(group, slots, index, x3, y, scale)
 
 
 def _column_factors(scaled: list[tuple], y: torch.Tensor, n: int) -> torch.Tensor:
@@ -394,29 +403,35 @@ def _add_one(layer, group: SlotGroup, s: int, x: torch.Tensor, y: torch.Tensor) 
     A, B = group.A[s], group.B[s]
     r = A.shape[1]
     t = F.embedding(x, A) if layer.type.takes_ids else x.to(A.dtype) @ A
-    return _add(y, (t * group.scales[s]).reshape(-1, r), B)
+    return _add(y, t.reshape(-1, r), B, x, group.scales[s])
 
 
-def _add_rows(group: SlotGroup, slots: torch.Tensor, x3: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _add_rows(group: SlotGroup, slots: torch.Tensor, x3: torch.Tensor, y: torch.Tensor | None,
+              scale: float | None) -> torch.Tensor:
     """Row i adds `scale_i · (x_i · A[slot_i]) · B[slot_i]`: gather each row's factors, two batched products (BGMV);
     the scale multiplies the r-wide product, the cheapest place for it."""
     t = torch.bmm(x3.to(group.A.dtype), group.A[slots])
-    t.mul_(group.scale[slots].view(-1, 1, 1))
-    return _add(y, t, group.B[slots])
+    if scale is None:
+        t.mul_(group.scale[slots].view(-1, 1, 1))
+    return _add(y, t, group.B[slots], x3, 1.0 if scale is None else scale)
 
 
 def _add_rows_in_place(group: SlotGroup, slots: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor],
-                       x3: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                       x3: torch.Tensor, y: torch.Tensor | None, scale: float | None) -> torch.Tensor:
     """The same sum for few tokens per row, without copying any factor: token j of row i is a bag of the
     rows `slot_i·in + k` of A (viewed as (slots·in, r)) weighted by x_ijk; then likewise through B."""
     index_A, index_B = index
     A, B = group.A.view(-1, group.A.shape[-1]), group.B.view(-1, group.B.shape[-1])
     t = F.embedding_bag(index_A, A, per_sample_weights=x3.reshape(-1, x3.shape[-1]).to(A.dtype), mode="sum")
-    t = t.view(x3.shape[0], x3.shape[1], -1).mul_(group.scale[slots].view(-1, 1, 1)).view(-1, t.shape[-1])
-    delta = F.embedding_bag(index_B, B, per_sample_weights=t, mode="sum").view(y.shape)
+    if scale is None:
+        t = t.view(x3.shape[0], x3.shape[1], -1).mul_(group.scale[slots].view(-1, 1, 1)).view(-1, t.shape[-1])
+    delta = F.embedding_bag(index_B, B, per_sample_weights=t, mode="sum")
+    if y is None:
+        return delta.view(*x3.shape[:-1], -1)
+    delta, alpha = delta.view(y.shape), 1.0 if scale is None else scale
     if y.dtype == delta.dtype and not torch.is_grad_enabled():
-        return y.add_(delta)
-    return y + delta.to(y.dtype)
+        return y.add_(delta, alpha=alpha)
+    return y + alpha * delta.to(y.dtype)
 
 
 def _bag_index(slots: torch.Tensor, tokens: int, in_f: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,19 +441,26 @@ def _bag_index(slots: torch.Tensor, tokens: int, in_f: int, r: int) -> tuple[tor
     return index_A, index_B
 
 
-def _add_embedding_rows(group: SlotGroup, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _add_embedding_rows(group: SlotGroup, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
+                        scale: float | None) -> torch.Tensor:
     n = slots.shape[0]
     t = group.A[slots.view(-1, *[1] * (x.dim() - 1)), x]  # (n, ..., r): each token's row of its adapter's Aᵀ
-    t = t.reshape(n, -1, t.shape[-1]) * group.scale[slots].view(-1, 1, 1)
-    return _add(y, t, group.B[slots])
+    t = t.reshape(n, -1, t.shape[-1])
+    if scale is None:
+        t = t * group.scale[slots].view(-1, 1, 1)
+    return _add(y, t, group.B[slots], x, 1.0 if scale is None else scale)
 
 
-def _add(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """y + t·B, in place into y when no graph is recorded (saves a pass over the output)."""
+def _add(y: torch.Tensor | None, t: torch.Tensor, B: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """y + alpha·t·B, in place into y when no graph is recorded (saves a pass over the output); t·B (without alpha)
+    shaped like x's rows (with the output's width) when y is None."""
     batched = t.dim() == 3
+    if y is None:  # x: the rows' input, ids (for an embedding) or features
+        delta = torch.bmm(t, B) if batched else t @ B
+        return delta.view(*(x.shape if not x.is_floating_point() else x.shape[:-1]), B.shape[-1])
     if y.dtype == t.dtype and y.is_contiguous() and not torch.is_grad_enabled():
         out = y.view(*t.shape[:-1], y.shape[-1])
-        out.baddbmm_(t, B) if batched else out.addmm_(t, B)
+        out.baddbmm_(t, B, alpha=alpha) if batched else out.addmm_(t, B, alpha=alpha)
         return y
     delta = torch.bmm(t, B) if batched else t @ B
-    return y + delta.view(y.shape).to(y.dtype)
+    return y + alpha * delta.view(y.shape).to(y.dtype)

@@ -14,6 +14,11 @@ def add_parser(sub) -> None:
     p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH", help="adapters to serve, e.g. chat=out/chat")
     p.add_argument("--adapter-root", default=None, metavar="DIR",
                    help="every adapter must lie inside DIR; POST /v1/adapters may load from it (off without it)")
+    p.add_argument("--register-all", action="store_true",
+                   help="register every adapter directory under --adapter-root by its relative path (broken ones are "
+                        "skipped and listed, with the reason, at start and by GET /v1/adapters)")
+    p.add_argument("--prefill-tokens", type=int, default=512,
+                   help="tokens per prefill forward at most: waiting prompts are prefilled together, long ones in chunks")
     p.add_argument("--name", default=None, help="model name of the base (default: its directory's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -55,7 +60,8 @@ def run_serve(args: argparse.Namespace) -> int:
     max_bytes = int(args.max_adapter_mb * 2**20) if args.max_adapter_mb is not None else None
     app = create_app(args.base, adapters=parse_adapters(args.adapters), adapter_root=args.adapter_root,
                      api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, base_name=args.name,
-                     dtype=args.dtype, max_loaded=args.max_loaded, max_bytes=max_bytes)
+                     dtype=args.dtype, max_loaded=args.max_loaded, max_bytes=max_bytes, register_root=args.register_all,
+                     prefill_tokens=args.prefill_tokens)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)
