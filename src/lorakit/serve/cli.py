@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--register-all", action="store_true",
                    help="register every adapter directory under --adapter-root by its relative path (broken ones are "
                         "skipped and listed, with the reason, at start and by GET /v1/adapters)")
-    p.add_argument("--prefill-tokens", type=int, default=512,
+    p.add_argument("--prefill-tokens", type=int, default=128,
                    help="tokens per prefill forward at most: waiting prompts are prefilled together, long ones in chunks")
     p.add_argument("--name", default=None, help="model name of the base (default: its directory's name)")
     p.add_argument("--host", default="127.0.0.1")

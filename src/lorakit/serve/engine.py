@@ -65,13 +65,19 @@ class Handle:
 # --- the engine ----------------------------------------------------------------------------------
 
 
+# Prefill forwards run between two decode steps at most.
+PREFILLS_PER_STEP = 4
+
+
 class Engine:
     """Owns the model while running: admits queued requests between decode steps, up to `max_batch` rows.
-    `prefill_tokens`: tokens per prefill forward at most (a longer prompt is prefilled in chunks)."""
+    `prefill_tokens`: tokens per prefill forward at most (prompts are grouped up to it; a longer prompt is
+    prefilled in chunks). Small groups give the first of a burst of requests their first token early; measured
+    on CPU, groups of ~4 prompts of 32 tokens already get the whole gain of batching."""
 
     def __init__(self, model: nn.Module, tokenizer, adapters: AdapterSource | None = None,
                  max_batch: int = 8, max_queue: int = 64, eos_token_ids: set[int] | None = None,
-                 prefill_tokens: int = 512):
+                 prefill_tokens: int = 128):
         if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
             raise ConfigError(f"max_batch and prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
                               f"{prefill_tokens} and {max_queue}")
@@ -201,9 +207,13 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        if self._prefill is None:
-            self._prefill = self._next_prefill()
-        if self._prefill is not None:
+        # Prefill forwards first (each emits first tokens at once), a few per step so that a burst of prompts gets
+        # its first tokens quickly while the running rows still get a decode step every PREFILLS_PER_STEP forwards.
+        for _ in range(PREFILLS_PER_STEP):
+            if self._prefill is None:
+                self._prefill = self._next_prefill()
+            if self._prefill is None:
+                break
             self._prefill_chunk()
         self._drop_finished()
         if self._rows:
@@ -225,7 +235,7 @@ class Engine:
                     req.model_adapter, req.pinning = req.pinning.result(), None
                 if req.pinning is None:
                     ready.append(req)
-            group = take_group(ready, room)
+            group = take_group(ready, room, self.prefill_tokens)
             for req in failed + group:
                 self._waiting.remove(req)
         for req in failed:  # this request fails (e.g. its adapter no longer loads); the others go on
@@ -236,6 +246,7 @@ class Engine:
 
     def _prefill_chunk(self) -> None:
         prefill = self._prefill
+        self.stats.prefill_forwards += 1
         try:
             logits = prefill.step(self._forward)
         except Exception as e:  # e.g. an adapter that cannot run per row: these requests fail, the batch goes on
@@ -357,6 +368,7 @@ class EngineStats:
     max_batch_seen: int = 0
     prefills: int = 0  # prefill groups run
     prefill_rows: int = 0  # summed over groups: prefill_rows / prefills is the mean prefill batch
+    prefill_forwards: int = 0  # more than prefills when long prompts are prefilled in chunks
     rejected: int = 0
     finished: dict[str, int] = field(default_factory=lambda: collections.Counter())
 

@@ -42,16 +42,17 @@ class Prefill:
         return logits if end == self.length else None
 
 
-def take_group(waiting: list, room: int) -> list:
-    """Which of the `waiting` requests (all ready to run, oldest first) to prefill together: at most `room`, and
-    only while left-padding to the longest would waste less than the prompts' own tokens (a short prompt is not
-    held up by padding it to a long one)."""
+def take_group(waiting: list, room: int, tokens: int) -> list:
+    """Which of the `waiting` requests (all ready to run, oldest first) to prefill together: at most `room`, within
+    `tokens` padded tokens (the first one always), and only while left-padding to the longest would waste less
+    than the prompts' own tokens (a short prompt is not held up by padding it to a long one)."""
     group, longest, total = [], 0, 0
     for req in waiting:
         if len(group) == room:
             break
         n = len(req.prompt)
-        if group and (len(group) + 1) * max(longest, n) > 2 * (total + n):
+        padded = (len(group) + 1) * max(longest, n)
+        if group and (padded > tokens or padded > 2 * (total + n)):
             continue
         group.append(req)
         longest, total = max(longest, n), total + n

@@ -31,7 +31,7 @@ from .store import AdapterStore
 def create_app(base, *, tokenizer=None, adapters: dict[str, str] | None = None, adapter_root: str | os.PathLike | None = None,
                api_key: str | None = None, max_batch: int = 8, max_queue: int = 64, base_name: str | None = None,
                dtype: str | None = None, max_loaded: int | None = None, max_bytes: int | None = None,
-               register_root: bool = False, prefill_tokens: int = 512) -> FastAPI:
+               register_root: bool = False, prefill_tokens: int = 128) -> FastAPI:
     """The server app for `base` (a model directory, or a loaded model plus `tokenizer`) and named adapter directories.
 
     `adapter_root`: every adapter, named here or loaded by `POST /v1/adapters`, must lie inside it; without
