@@ -92,19 +92,28 @@ def build(root: Path, args) -> None:
 
 
 def start_server(root: Path, args, src: str | None = None) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "lorakit", "serve", "--base", str(root / "base"), "--name", "base", "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients) * 2),
            "--adapters", *[f"{n}={root / 'adapters' / n}" for n in ADAPTER_RANKS]]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    log = root / f"server{'-' + Path(src).name if src else ''}.log"  # a file: a full pipe would stall the access log
     env = {**os.environ, "PYTHONPATH": str(Path(src) / "src")} if src else None
+    return launch(cmd, port, root / f"server{'-' + Path(src).name if src else ''}.log", env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cmd: list[str], port: int, log: Path, env=None, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """Start `lorakit serve` (cmd) and wait until /health answers; its log goes to a file, not a pipe (a full pipe
+    would stall the server's access log)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
@@ -114,7 +123,7 @@ def start_server(root: Path, args, src: str | None = None) -> tuple[subprocess.P
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not start within 120 s")
+    raise SystemExit(f"the server did not start within {timeout:.0f} s")
 
 
 def metric(client: httpx.Client, name: str) -> float:

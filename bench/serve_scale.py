@@ -25,7 +25,6 @@ import copy
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import lorakit  # noqa: E402
+from serve_http import free_port, launch  # noqa: E402  (bench/ is on the path when run as a script)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,12 +152,13 @@ def part_stall(args, tmp: Path) -> list[str]:
 
     engine._decode = timed_decode
     g = torch.Generator().manual_seed(0)
+    stopping = False
 
     def submit(i):  # 16 rows on three adapters, each replaced by a new one when it ends: the batch never drains
         prompt = torch.randint(1, 32000, (32,), generator=g).tolist()
 
         def on_event(event):
-            if event.finish_reason and engine.alive:
+            if event.finish_reason and not stopping:
                 submit(i)
 
         engine.submit(Job(prompt, SamplingParams(max_tokens=400, temperature=0), on_event, paths[i % 3].name))
@@ -184,6 +185,7 @@ def part_stall(args, tmp: Path) -> list[str]:
     for chunk in (to_load[:half], to_load[half:]):
         loading_steps += intervals(lambda c=chunk: [store.release(store.acquire(p.name)) for p in c])
         idle_steps += intervals(idle)
+    stopping = True
     engine.stop(timeout=30)
 
     def pct(v, q):
@@ -224,10 +226,7 @@ def build_small(root: Path, n: int) -> None:
 
 
 def start_server(root: Path, registered: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    reg = root / f"reg{registered}"  # a root holding exactly `registered` adapters (links to the saved ones)
+    reg = root / f"reg{registered}"  # a root holding exactly `registered` adapters (hard links to the saved ones)
     reg.mkdir(exist_ok=True)
     for i in range(registered):
         link = reg / f"a{i:04d}"
@@ -235,22 +234,10 @@ def start_server(root: Path, registered: int) -> tuple[subprocess.Popen, str]:
             link.mkdir()
             for f in ("adapter_config.json", "adapter_model.safetensors"):
                 os.link(root / "adapters" / f"a{i:04d}" / f, link / f)
+    port = free_port()
     cmd = [sys.executable, "-m", "lorakit", "serve", "--base", str(root / "base"), "--name", "base", "--port", str(port),
            "--adapter-root", str(reg), "--register-all", "--max-batch", "16", "--max-queue", "64", "--threads", "1"]
-    log = root / f"server{registered}.log"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the server did not start")
+    return launch(cmd, port, root / f"server{registered}.log")
 
 
 def metric(url: str, name: str) -> float:

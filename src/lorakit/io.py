@@ -31,7 +31,7 @@ from .errors import (
     TargetModulesNotFoundError,
 )
 from .files import atomic_write, atomic_write_json
-from .inject import inject
+from .inject import build, attach
 from .layers import LAYER_TYPES, LoraLayer, adapter_dtype, layer_type
 from .matching import base_of, logical_modules, saved_target_modules
 from .state import ModulesToSave, adapter_layers, get_state, save_wrappers
@@ -375,26 +375,109 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
 
 def attach_adapter(model: nn.Module, files: AdapterFiles, tensors: dict[str, torch.Tensor], adapter: str,
                    activate: bool = True, trainable: bool = False, slot_capacity: int | None = None) -> nn.Module:
-    """The model-changing half of `load_adapter`, for files already checked and read (a server reads them
-    outside its model lock): inject, copy the tensors, put an inference-only adapter in its per-row slots.
-    Its cost does not grow with the number of adapters the model holds. `slot_capacity`: see rows.put_in_slot."""
+    """The model-changing half of `load_adapter`, for files already checked and read: prepare, then commit."""
+    return commit_adapter(model, prepare_adapter(model, files, tensors, adapter, trainable, slot_capacity), activate)
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter built and filled off the model, its per-row slots written but not published: what a server
+    does outside its model lock. `commit_adapter` puts it on the model (cheap); `discard_adapter` gives it up."""
+
+    files: AdapterFiles
+    tensors: dict[str, torch.Tensor]
+    name: str
+    built: Any
+    trainable: bool
+    slot_capacity: int | None
+    filled: bool = False  # its factors were copied into the built objects (a file of layer factors only)
+    staged: dict[str, Any] = field(default_factory=dict)  # layer name -> rows.Slot, for layers already wrapped
+
+
+def prepare_adapter(model: nn.Module, files: AdapterFiles, tensors: dict[str, torch.Tensor], adapter: str,
+                    trainable: bool = False, slot_capacity: int | None = None) -> PreparedAdapter:
+    """Build the adapter's objects and, for a file of layer factors only, copy them in and write them into free
+    per-row slots of the layers the model already wraps; nothing on the model changes (its module tree is read)."""
     try:
-        inject(model, files.config, adapter=adapter, activate=activate, trainable=trainable)
+        built = build(model, files.config, adapter)
     except TargetModulesNotFoundError as e:
         raise IncompatibleAdapterError(f"adapter {str(files.path)!r} does not fit this {type(model).__name__}: {e}") from None
+    prepared = PreparedAdapter(files, tensors, adapter, built, trainable, slot_capacity)
+    if any(t.name is None or not t.module for t in files.tensors):
+        return prepared  # biases, saved modules, model-level tensors: copied once on the model (commit_adapter)
+    objects = {name: a for name, a in built.objects}
+    with torch.no_grad():
+        for t in files.tensors:
+            if t.module not in objects:
+                raise _untargeted(files, t)
+            layer = _layer_view(model, t.module)
+            load_checked(objects[t.module].peft_tensors(layer)[t.name], tensors[t.key], t.key, files.path / WEIGHTS_NAME)
+    _check_filled(files, set(objects))
+    prepared.filled = True
+    if not trainable:
+        try:
+            for name, a in built.objects:
+                layer = model.get_submodule(name)
+                if isinstance(layer, LoraLayer) and layer.type.per_row:
+                    a.requires_grad_(False)
+                    prepared.staged[name] = rows.stage_slot(layer, a, slot_capacity)
+        except BaseException:
+            discard_adapter(prepared)
+            raise
+    return prepared
+
+
+def commit_adapter(model: nn.Module, prepared: PreparedAdapter, activate: bool = True) -> nn.Module:
+    """Put a prepared adapter on the model: attach its objects, publish its staged slots (no copy), and finish what
+    preparing left (other tensors, slots of layers wrapped only now). On any error the model is as before."""
+    adapter, files = prepared.name, prepared.files
     try:
-        copy_adapter_tensors(model, adapter, files, tensors)
-        if not trainable:
+        attach(model, prepared.built, adapter, activate=activate, trainable=prepared.trainable)
+    except BaseException:
+        discard_adapter(prepared)
+        raise
+    try:
+        if not prepared.filled:
+            copy_adapter_tensors(model, adapter, files, prepared.tensors)
+        if not prepared.trainable:
             for _, wrapper in save_wrappers(model):
                 if adapter in wrapper.modules_to_save:
                     wrapper.modules_to_save[adapter].requires_grad_(False)
-            for _, layer, a in adapter_layers(model, adapter):
-                if layer.type.per_row:
-                    rows.put_in_slot(layer, adapter, a, capacity=slot_capacity)
+            for name, layer, a in adapter_layers(model, adapter):
+                if name in prepared.staged:
+                    rows.publish_slot(layer, adapter, prepared.staged.pop(name))
+                elif layer.type.per_row:
+                    rows.put_in_slot(layer, adapter, a, capacity=prepared.slot_capacity)
     except BaseException:
+        discard_adapter(prepared)
         delete_adapter(model, adapter)
         raise
     return model
+
+
+def discard_adapter(prepared: PreparedAdapter) -> None:
+    """Give back the slots a prepared adapter holds (a load that failed or was given up)."""
+    for slot in prepared.staged.values():
+        rows.unstage_slot(slot)
+    prepared.staged.clear()
+
+
+def _layer_view(model: nn.Module, name: str) -> LoraLayer:
+    """The LoRA layer at `name`, or a detached one around its base (peft_tensors asks a layer for its type)."""
+    module = model.get_submodule(name)
+    return module if isinstance(module, LoraLayer) else LoraLayer(module)
+
+
+def _untargeted(files: AdapterFiles, t: FileTensor) -> IncompatibleAdapterError:
+    return IncompatibleAdapterError(f"{files.path / WEIGHTS_NAME} has {t.key!r}, but its config does not target "
+                                    f"{t.module!r}; the config and weights disagree")
+
+
+def _check_filled(files: AdapterFiles, targeted: set[str]) -> None:
+    missing = sorted(targeted - {t.module for t in files.tensors if t.name is not None})
+    if missing:
+        raise IncompatibleAdapterError(f"{files.path / WEIGHTS_NAME} has no tensors for {missing[:3]}, which its config "
+                                       "targets; the file is incomplete")
 
 
 def load_adapter_weights(model: nn.Module, adapter: str, path: str | os.PathLike) -> None:
@@ -409,7 +492,6 @@ def copy_adapter_tensors(model: nn.Module, adapter: str, files: AdapterFiles, te
     file = files.path / WEIGHTS_NAME
     layers = {name: (layer, a) for name, layer, a in adapter_layers(model, adapter)}
     cls = adapter_class(files.config)
-    filled: set[str] = set()
     model_tensors = {}
     for t in files.tensors:
         value = tensors[t.key]
@@ -419,17 +501,12 @@ def copy_adapter_tensors(model: nn.Module, adapter: str, files: AdapterFiles, te
             model_tensors[t.name] = value
         else:
             if t.module not in layers:
-                raise IncompatibleAdapterError(
-                    f"{file} has {t.key!r}, but its config does not target {t.module!r}; the config and weights disagree"
-                )
+                raise _untargeted(files, t)
             layer, a = layers[t.module]
             load_checked(a.peft_tensors(layer)[t.name], value, t.key, file)
-            filled.add(t.module)
     if model_tensors:
         cls.load_model_tensors(model, adapter, model_tensors, file)
-    missing = sorted(set(layers) - filled)
-    if missing:
-        raise IncompatibleAdapterError(f"{file} has no tensors for {missing[:3]}, which its config targets; the file is incomplete")
+    _check_filled(files, set(layers))
 
 
 def _copy_other(model: nn.Module, adapter: str, t: FileTensor, value: torch.Tensor, file: Path) -> None:

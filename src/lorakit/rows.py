@@ -128,6 +128,21 @@ def slot_pool(layer) -> SlotPool:
 def put_in_slot(layer, name: str, adapter, capacity: int | None = None) -> Slot:
     """Copy `adapter` (named `name` on `layer`) into a slot, reusing its slot when it has one; costs its own size.
     `capacity` fixes the room of a rank's buffers when they are first made."""
+    with _WRITE:
+        old = layer.row_slots.slots.get(name) if layer.row_slots is not None else None
+        if old is not None and old.adapter is adapter:
+            with torch.inference_mode(False), torch.no_grad():
+                At, Bt, scale = _row_factors(adapter, layer)
+                if old.group.key == _group_key(At, Bt):  # refresh in place (a training step, new weights)
+                    _write(old.group, old.index, At, Bt, scale, adapter.row_column_scale(layer), layer)
+                    old.version = adapter.row_version()
+                    return old
+        return publish_slot(layer, name, stage_slot(layer, adapter, capacity))
+
+
+def stage_slot(layer, adapter, capacity: int | None = None) -> Slot:
+    """Copy `adapter` into a free slot of `layer` (growing its rank's buffers if needed) without publishing it: no
+    forward pass reads the slot until publish_slot(). A server does this outside its model lock."""
     if not layer.type.per_row:
         raise MixedBatchError(f"per-row adapters support Linear, GPT-2 Conv1D and Embedding layers, not {type(layer.base_layer).__name__}")
     pool = slot_pool(layer)
@@ -135,24 +150,34 @@ def put_in_slot(layer, name: str, adapter, capacity: int | None = None) -> Slot:
         if capacity is not None and pool.capacity is None:
             pool.capacity = capacity
         At, Bt, scale = _row_factors(adapter, layer)
-        g = adapter.row_column_scale(layer)
-        dtype = torch.promote_types(At.dtype, Bt.dtype)
-        key = (At.shape[1], dtype, At.device)
-        old = pool.slots.get(name)
-        if old is not None and old.group.key == key and old.adapter is adapter:
-            group, index = old.group, old.index  # refresh in place (a training step, a load of new weights)
-        else:
-            if old is not None:
-                free_slot(layer, name)
-            group = pool.groups.get(key)
-            if group is None:
-                group = pool.groups[key] = _new_group(key, layer, pool.capacity or FIRST_CAPACITY)
-            index = _take(layer, pool, group)
-        _write(group, index, At, Bt, scale, g, layer)
-        shared = not any(p.requires_grad for p in adapter.parameters()) and adapter.share_row_slot(layer, group.A[index], group.B[index])
-        slot = Slot(group, index, adapter, adapter.row_version(), shared)  # version after sharing: its pointers moved
+        key = _group_key(At, Bt)
+        group = pool.groups.get(key)
+        if group is None:
+            group = pool.groups[key] = _new_group(key, layer, pool.capacity or FIRST_CAPACITY)
+        index = _take(layer, pool, group)
+        _write(group, index, At, Bt, scale, adapter.row_column_scale(layer), layer)
+        return Slot(group, index, adapter, (), False)
+
+
+def publish_slot(layer, name: str, slot: Slot) -> Slot:
+    """Make a staged slot `name`'s on `layer` (its previous slot, if any, is freed); an inference-only adapter's
+    tensors become views of it. Cheap: no copy."""
+    pool = slot_pool(layer)
+    with _WRITE, torch.no_grad():
+        if name in pool.slots:
+            free_slot(layer, name)
+        adapter = slot.adapter
+        slot.shared = (not any(p.requires_grad for p in adapter.parameters())
+                       and adapter.share_row_slot(layer, slot.group.A[slot.index], slot.group.B[slot.index]))
+        slot.version = adapter.row_version()  # after sharing: its pointers moved
         pool.slots[name] = slot  # published: forward passes may use it from here on
         return slot
+
+
+def unstage_slot(slot: Slot) -> None:
+    """Give back a staged slot that will not be published (a load that failed)."""
+    with _WRITE:
+        slot.group.free.append(slot.index)
 
 
 def free_slot(layer, name: str) -> None:
@@ -200,6 +225,10 @@ def _row_factors(adapter, layer) -> tuple[torch.Tensor, torch.Tensor, float]:
     if len(factors) == 2:  # an adapter that folds its scale into Bᵀ
         return factors[0], factors[1], 1.0
     return factors
+
+
+def _group_key(At: torch.Tensor, Bt: torch.Tensor) -> tuple:
+    return At.shape[1], torch.promote_types(At.dtype, Bt.dtype), At.device
 
 
 def _new_group(key: tuple, layer, capacity: int) -> SlotGroup:

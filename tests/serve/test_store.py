@@ -177,14 +177,14 @@ def test_a_slow_load_does_not_block_other_adapters(store, expected, monkeypatch)
     """While one adapter is stuck loading, a request for a loaded adapter runs to the end."""
     check(store, expected, "r2")
     started, finish = threading.Event(), threading.Event()
-    real = store_module.attach_adapter
+    real = store_module.commit_adapter
 
     def slow_load(*args, **kwargs):
         started.set()
         assert finish.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "attach_adapter", slow_load)
+    monkeypatch.setattr(store_module, "commit_adapter", slow_load)
     loader = threading.Thread(target=lambda: store.release(store.acquire("r8")))
     loader.start()
     assert started.wait(10)

@@ -4,8 +4,9 @@ LRU cache under a cap on their number and bytes, and pinned by the requests that
 Every load goes into a fresh adapter under a new name on the model, published only once complete; a
 pinned adapter is never evicted; the cache lock is held for bookkeeping only, never across a load or an
 eviction, so requests for adapters already loaded never wait for one. A load reads and checks its files
-without the model lock; only attaching the adapter and copying it into its per-row slots (lorakit.rows) take
-it, and that costs the adapter's own size however many are loaded. Forward passes may run meanwhile.
+without the model lock, builds the adapter and copies it into free per-row slots (lorakit.rows) without it too;
+only attaching it and publishing its slots (no copy) take the lock. A load costs the adapter's own size however
+many are loaded, and forward passes run meanwhile.
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from ..errors import (
     LorakitError,
     MergeStateError,
 )
-from ..io import CONFIG_NAME, WEIGHTS_NAME, attach_adapter, check_adapter_files, read_adapter_tensors
+from ..io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_adapter_files,
+    commit_adapter,
+    discard_adapter,
+    prepare_adapter,
+    read_adapter_tensors,
+)
 from ..layers import layer_type
 from ..matching import base_of, logical_modules
 from ..state import adapter_layers
@@ -303,16 +312,19 @@ class AdapterStore:
             # Outside the model lock: running batches go on while the files are read and checked.
             self._resolve(entry.path)  # again: the directory may have become a link out of the root
             files = self._servable(entry.path)
-            tensors = read_adapter_tensors(entry.path)
             # Parameters made under a caller's inference_mode could never be used with autograd again.
-            with self.model_lock, torch.inference_mode(False):
-                if is_merged(self.model):
-                    raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before serving adapters")
-                active = active_adapters(self.model)
-                attach_adapter(self.model, files, tensors, model_name, activate=False, trainable=False,
-                               slot_capacity=self.max_loaded)
-                if active_adapters(self.model) != active:  # loading never changes what a plain forward runs
-                    set_active(self.model, active)
+            with torch.inference_mode(False):
+                # Built, filled and copied into free slots off the model; only attaching and publishing take the lock.
+                prepared = prepare_adapter(self.model, files, read_adapter_tensors(entry.path), model_name,
+                                           slot_capacity=self.max_loaded)
+                with self.model_lock:
+                    if is_merged(self.model):
+                        discard_adapter(prepared)
+                        raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before serving adapters")
+                    active = active_adapters(self.model)
+                    commit_adapter(self.model, prepared, activate=False)
+                    if active_adapters(self.model) != active:  # loading never changes what a plain forward runs
+                        set_active(self.model, active)
             nbytes = _adapter_bytes(self.model, model_name)
         except BaseException as e:
             with self._lock:
