@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import rows
+from . import rows, slots
 from .errors import AdapterNotFoundError, MergeStateError
 from .layers import ActiveAdapter
 from .rows import MixedBatchError
@@ -88,7 +88,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
         raise MergeStateError(f"adapter {adapter!r} is merged into the weights; call lorakit.unmerge(model) first")
     for _, layer in lora_layers(model):
         if adapter in layer.adapters:
-            rows.free_slot(layer, adapter)
+            slots.free_slot(layer, adapter)
             del layer.adapters[adapter]
     for _, wrapper in save_wrappers(model):
         if adapter in wrapper.modules_to_save:

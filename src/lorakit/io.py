@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import rows
+from . import slots
 from .adapters import delete_adapter
 from .errors import (
     AdapterFileError,
@@ -391,7 +391,7 @@ class PreparedAdapter:
     trainable: bool
     slot_capacity: int | None
     filled: bool = False  # its factors were copied into the built objects (a file of layer factors only)
-    staged: dict[str, Any] = field(default_factory=dict)  # layer name -> rows.Slot, for layers already wrapped
+    staged: dict[str, Any] = field(default_factory=dict)  # layer name -> slots.Slot, for layers already wrapped
 
 
 def prepare_adapter(model: nn.Module, files: AdapterFiles, tensors: dict[str, torch.Tensor], adapter: str,
@@ -420,7 +420,7 @@ def prepare_adapter(model: nn.Module, files: AdapterFiles, tensors: dict[str, to
                 layer = model.get_submodule(name)
                 if isinstance(layer, LoraLayer) and layer.type.per_row:
                     a.requires_grad_(False)
-                    prepared.staged[name] = rows.stage_slot(layer, a, slot_capacity)
+                    prepared.staged[name] = slots.stage_slot(layer, a, slot_capacity)
         except BaseException:
             discard_adapter(prepared)
             raise
@@ -445,9 +445,9 @@ def commit_adapter(model: nn.Module, prepared: PreparedAdapter, activate: bool =
                     wrapper.modules_to_save[adapter].requires_grad_(False)
             for name, layer, a in adapter_layers(model, adapter):
                 if name in prepared.staged:
-                    rows.publish_slot(layer, adapter, prepared.staged.pop(name))
+                    slots.publish_slot(layer, adapter, prepared.staged.pop(name))
                 elif layer.type.per_row:
-                    rows.put_in_slot(layer, adapter, a, capacity=prepared.slot_capacity)
+                    slots.put_in_slot(layer, adapter, a, capacity=prepared.slot_capacity)
     except BaseException:
         discard_adapter(prepared)
         delete_adapter(model, adapter)
@@ -458,7 +458,7 @@ def commit_adapter(model: nn.Module, prepared: PreparedAdapter, activate: bool =
 def discard_adapter(prepared: PreparedAdapter) -> None:
     """Give back the slots a prepared adapter holds (a load that failed or was given up)."""
     for slot in prepared.staged.values():
-        rows.unstage_slot(slot)
+        slots.unstage_slot(slot)
     prepared.staged.clear()
 
 

@@ -308,7 +308,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         # merge() keeps the untouched weight here so unmerge() is bit-exact (subtracting drifts).
         self.original_weight: torch.Tensor | None = None
-        self.row_slots = None  # rows.SlotPool: this layer's adapters in stacked slots for per-row batches
+        self.row_slots = None  # slots.SlotPool: this layer's adapters in stacked slots for per-row batches
 
     @property
     def kind(self) -> str:

@@ -15,7 +15,6 @@ import inspect
 import itertools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -27,6 +26,7 @@ from .lock import FairLock
 from .jobs import Event, Job, _Request
 from .prefill import Prefill, take_group
 from .sampling import sample, token_logprob
+from .stats import EngineStats
 from .text import TextStream
 
 
@@ -355,35 +355,6 @@ class Engine:
                 self._dropped = []
         for req in rows:
             self._finish(req, reason, error=message if reason == "error" else None)
-
-
-@dataclass
-class EngineStats:
-    """Counters for /metrics (read without a lock: each is a plain int written by one thread)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    steps: int = 0
-    batch_rows: int = 0  # summed over steps: batch_rows / steps is the mean batch size
-    max_batch_seen: int = 0
-    prefills: int = 0  # prefill groups run
-    prefill_rows: int = 0  # summed over groups: prefill_rows / prefills is the mean prefill batch
-    prefill_forwards: int = 0  # more than prefills when long prompts are prefilled in chunks
-    rejected: int = 0
-    finished: dict[str, int] = field(default_factory=lambda: collections.Counter())
-
-    def record_step(self, rows: int) -> None:
-        self.steps += 1
-        self.batch_rows += rows
-        self.max_batch_seen = max(self.max_batch_seen, rows)
-
-    def record_prefill(self, rows: int, tokens: int) -> None:
-        self.prefills += 1
-        self.prefill_rows += rows
-        self.prompt_tokens += tokens
-
-    def record_finish(self, reason: str) -> None:
-        self.finished[reason] += 1
 
 
 def _max_context(model: nn.Module) -> int:
