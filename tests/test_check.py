@@ -115,6 +115,7 @@ def test_conversions_plug_into_the_registry(llama_dir, tmp_path):
     assert check(tmp_path / "out", "vllm")[1] == []
 
 
+@pytest.mark.filterwarnings("ignore:adapter_config.json has a key")
 def test_foreign_key_spellings_are_rewritten_for_peft(llama_dir, tmp_path):
     from peft import PeftModel
 
