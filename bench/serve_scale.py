@@ -13,8 +13,8 @@ stall    The engine (no HTTP) decoding 16 rows non-stop on that model while a he
          turn (target: loading p99 ≤ 1.3× idle p99).
 traffic  `lorakit serve` in its own process (small Llama hidden 256 × 4 layers, all-linear r=8 adapters) with 1, 32,
          256 and 1,000 adapters registered from one root, 16 clients sending requests spread uniformly or Zipf (s=1)
-         over them; adapters load on first use (cold loads count). Tokens/s against the 1-adapter level (target at
-         1,000: ≥ 0.85×).
+         over them: once cold (adapters load on first use, during the row), then warm (all loaded), in turn over
+         the levels. Tokens/s against the 1-adapter level (target at 1,000: ≥ 0.85×).
 Everything runs with 1 torch thread per process (the machine has 2 cores shared with other work).
 """
 
@@ -52,10 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--levels", default="1,32,256,1000", help="registered adapters per traffic level")
     p.add_argument("--requests", type=int, default=96, help="requests per traffic level and distribution")
     p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="warm traffic rows per level, taken in turn")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.loads, args.stall_adapters, args.levels, args.requests = 40, 12, "1,8,40", 24
+        args.loads, args.stall_adapters, args.levels, args.requests, args.rounds = 40, 12, "1,8,40", 24, 1
     args.parts = args.parts.split(",")
     args.levels = [int(x) for x in args.levels.split(",")]
     return args
@@ -285,37 +286,45 @@ def run_traffic(url: str, names: list[str], args, dist: str, seed: int) -> dict:
 
 
 def part_traffic(args, tmp: Path) -> list[str]:
+    """All levels' servers run at once (idle but for the one measured); warm rows are taken in turn over the levels,
+    `--rounds` times, and the median kept: on a shared machine, load drifts more than the levels differ."""
     build_small(tmp, max(args.levels))
-    results = {}
-    for n in args.levels:
-        proc, url = start_server(tmp, n)
-        try:
-            names = [f"a{i:04d}" for i in range(n)]
-            run_traffic(url, names[:1], argparse.Namespace(**{**vars(args), "requests": 8}), "uniform", 0)  # warm-up
-            for dist in ("uniform", "zipf"):
-                cold = run_traffic(url, names, args, dist, seed=n)  # adapters load on first use, during the row
-                warm = run_traffic(url, names, args, dist, seed=n)  # the same requests again: all loaded
-                results[(n, dist)] = {**cold, "warm": warm["tok_s"]}
-                print(f"traffic: {n} adapters, {dist}: {cold['tok_s']:.1f} tok/s cold ({cold['loads']:.0f} loads), "
-                      f"{warm['tok_s']:.1f} warm", file=sys.stderr, flush=True)
-        finally:
+    servers = {n: start_server(tmp, n) for n in args.levels}
+    names = {n: [f"a{i:04d}" for i in range(n)] for n in args.levels}
+    cold, warm = {}, {(n, d): [] for n in args.levels for d in ("uniform", "zipf")}
+    try:
+        for n, (_, url) in servers.items():
+            run_traffic(url, names[n][:1], argparse.Namespace(**{**vars(args), "requests": 8}), "uniform", 0)  # warm-up
+            for dist in ("uniform", "zipf"):  # adapters load on first use, during the row
+                cold[(n, dist)] = run_traffic(url, names[n], args, dist, seed=n)
+                print(f"traffic: {n} adapters, {dist}, cold: {cold[(n, dist)]['tok_s']:.1f} tok/s "
+                      f"({cold[(n, dist)]['loads']:.0f} loads)", file=sys.stderr, flush=True)
+        for _ in range(args.rounds):
+            for n, (_, url) in servers.items():
+                for dist in ("uniform", "zipf"):  # the same requests again: every adapter loaded
+                    warm[(n, dist)].append(run_traffic(url, names[n], args, dist, seed=n)["tok_s"])
+            print(f"traffic: warm round: {[f'{v[-1]:.0f}' for v in warm.values()]}", file=sys.stderr, flush=True)
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(30)
     first = args.levels[0]
+    med = {k: statistics.median(v) for k, v in warm.items()}
     lines = [
         f"Traffic: `lorakit serve` (Llama hidden 256 × 4 layers, vocab 4000; all-linear r=8 adapters; 1 torch thread) "
         f"with N adapters registered from one root (`--adapter-root --register-all`, no cap on loaded adapters), "
         f"{args.clients} clients, {args.requests} requests per row (prompt 16 tokens, 16 generated, greedy). Cold: the "
-        "adapters load on first use, during the row (from disk: read, check, attach, copy into slots); warm: the same "
-        "requests again, every adapter loaded (what S-LoRA measures: adapters in memory, fetched per batch).",
+        "adapters load on first use, during the row (from disk: read, check, build, copy into slots), one row per "
+        f"level; warm: the same requests again with every adapter loaded (what S-LoRA measures: adapters in memory), "
+        f"median of {args.rounds} rows taken in turn over the levels.",
         "",
-        "| registered | requests spread | distinct adapters used | loads (cold) | tokens/s cold | × 1 adapter | tokens/s warm | × 1 adapter |",
+        "| registered | requests spread | distinct adapters used | loads (cold) | tokens/s cold | × 1 adapter | tokens/s warm (median) | × 1 adapter |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (n, dist), r in results.items():
-        ref = results[(first, dist)]
-        lines.append(f"| {n} | {dist} | {r['distinct']} | {r['loads']:.0f} | {r['tok_s']:.1f} | {r['tok_s'] / ref['tok_s']:.2f} | "
-                     f"{r['warm']:.1f} | {r['warm'] / ref['warm']:.2f} |")
+    for (n, dist), r in cold.items():
+        ref = cold[(first, dist)]["tok_s"]
+        lines.append(f"| {n} | {dist} | {r['distinct']} | {r['loads']:.0f} | {r['tok_s']:.1f} | {r['tok_s'] / ref:.2f} | "
+                     f"{med[(n, dist)]:.1f} | {med[(n, dist)] / med[(first, dist)]:.2f} |")
     return lines
 
 
