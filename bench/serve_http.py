@@ -1,18 +1,23 @@
-"""Server benchmark (issue 4): `lorakit serve` over loopback HTTP with N concurrent clients and mixed adapters.
+"""Server benchmark (issues 4, 12): `lorakit serve` over loopback HTTP with N concurrent clients and mixed adapters.
 
-    python bench/serve_http.py               # Llama hidden 512, 8 layers; 1, 4, 16 clients (~3 min on 2 cores)
+    python bench/serve_http.py               # Llama hidden 512, 8 layers; 1, 4, 16 clients (~4 min on 2 cores)
+    python bench/serve_http.py --compare-src /tmp/old   # also an older lorakit (its src/ there), same run, in turn
     python bench/serve_http.py --quick       # a tiny model, to check the script runs (~30 s)
 
 The server runs in its own process (`python -m lorakit serve`), as a user would start it; each client
-thread sends completions one after another, cycling through the base and three adapters of ranks 8, 16
-and 32. Per level: generated tokens per second over the level's wall time, and each request's latency
-(send to last byte) at p50 and p99. Each level is bounded by a request count and a time limit. The table
-is printed and appended to docs/benchmarks.md under "Server (bench/serve_http.py)".
+thread sends streamed completions one after another, cycling through the base and three adapters of ranks
+8, 16 and 32. Per level: generated tokens per second over the level's wall time, each request's time to
+first token (TTFT: send to the first streamed chunk) and latency (send to the last byte) at p50 and p99.
+Each level is bounded by a request count and a time limit. Before and after the levels, the bench process
+itself runs a plain `model.generate` of the base at batch `--max-batch` (same prompt and output lengths,
+same threads) while the server idles: the server's tokens/s at the highest level is reported against it.
+The table is printed and appended to docs/benchmarks.md under "Server (bench/serve_http.py)".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import socket
@@ -48,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server (0: torch's default)")
+    p.add_argument("--compare-src", default=None, metavar="DIR",
+                   help="also run the server of another lorakit checkout (DIR/src), level by level in turn")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
     p.add_argument("--quick", action="store_true", help="a tiny model and few requests: checks the script, not the speed")
     args = p.parse_args(argv)
@@ -84,19 +91,29 @@ def build(root: Path, args) -> None:
         lorakit.save_adapter(model, root / "adapters" / name)
 
 
-def start_server(root: Path, args) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def start_server(root: Path, args, src: str | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     cmd = [sys.executable, "-m", "lorakit", "serve", "--base", str(root / "base"), "--name", "base", "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients) * 2),
            "--adapters", *[f"{n}={root / 'adapters' / n}" for n in ADAPTER_RANKS]]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    log = root / "server.log"  # a file, not a pipe: a full pipe would stall the server's access log
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    env = {**os.environ, "PYTHONPATH": str(Path(src) / "src")} if src else None
+    return launch(cmd, port, root / f"server{'-' + Path(src).name if src else ''}.log", env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cmd: list[str], port: int, log: Path, env=None, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """Start `lorakit serve` (cmd) and wait until /health answers; its log goes to a file, not a pipe (a full pipe
+    would stall the server's access log)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
@@ -106,7 +123,7 @@ def start_server(root: Path, args) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not start within 120 s")
+    raise SystemExit(f"the server did not start within {timeout:.0f} s")
 
 
 def metric(client: httpx.Client, name: str) -> float:
@@ -119,10 +136,12 @@ def metric(client: httpx.Client, name: str) -> float:
 def run_level(url: str, clients: int, args) -> dict:
     models = ["base", *ADAPTER_RANKS]
     g = torch.Generator().manual_seed(clients)
-    bodies = [{"model": models[i % len(models)], "max_tokens": args.max_tokens, "temperature": 0,
+    bodies = [{"model": models[i % len(models)], "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True},
                "prompt": torch.randint(1, args.vocab, (args.prompt_tokens,), generator=g).tolist()}
               for i in range(args.requests)]
     latencies: list[float] = []
+    ttfts: list[float] = []
     tokens, errors, issued = [0], [], [0]
     lock = threading.Lock()
     https = [httpx.Client(base_url=url, timeout=300) for _ in range(clients)]  # connections made before the clock
@@ -137,14 +156,23 @@ def run_level(url: str, clients: int, args) -> dict:
                 body = bodies[issued[0]]
                 issued[0] += 1
             t0 = time.perf_counter()
-            r = http.post("/v1/completions", json=body)
+            first, usage = None, None
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    r.read()
+                    with lock:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                    continue
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and first is None:
+                        first = time.perf_counter() - t0
+                    if line.startswith("data: {") and '"usage"' in line:
+                        usage = json.loads(line[6:]).get("usage")
             dt = time.perf_counter() - t0
             with lock:
-                if r.status_code != 200:
-                    errors.append(f"{r.status_code} {r.text[:200]}")
-                    continue
                 latencies.append(dt)
-                tokens[0] += r.json()["usage"]["completion_tokens"]
+                ttfts.append(first if first is not None else dt)
+                tokens[0] += usage["completion_tokens"] if usage else 0
 
     with httpx.Client(base_url=url) as http:
         for c in https:
@@ -163,27 +191,56 @@ def run_level(url: str, clients: int, args) -> dict:
         c.close()
     if errors:
         print(f"  {len(errors)} failed requests, e.g. {errors[0]}", file=sys.stderr)
-    lat = sorted(latencies)
-    return {"clients": clients, "requests": len(lat), "tokens": tokens[0], "wall": wall,
-            "tok_s": tokens[0] / wall, "p50": statistics.median(lat) if lat else float("nan"),
-            "p99": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] if lat else float("nan"),
+    return {"clients": clients, "requests": len(latencies), "tokens": tokens[0], "wall": wall,
+            "tok_s": tokens[0] / wall, "p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
+            "ttft50": _pct(ttfts, 50), "ttft99": _pct(ttfts, 99),
             "mean_batch": rows / steps if steps else 0.0, "errors": len(errors)}
 
 
-def table(results: list[dict], args) -> str:
+def _pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))] if v else float("nan")
+
+
+def plain_generate(root: Path, args, repeats: int = 3) -> float:
+    """Tokens/s of `model.generate` on the base at batch max_batch (greedy, the bench's prompt and output lengths)."""
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = LlamaForCausalLM.from_pretrained(root / "base").eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, args.vocab, (args.max_batch, args.prompt_tokens), generator=g)
+    kw = dict(max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    best = []
+    with torch.no_grad():
+        model.generate(ids[:, :8], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2, "attention_mask": torch.ones_like(ids[:, :8])})
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            best.append((out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - t0))
+    return statistics.median(best)
+
+
+def table(results: dict[str, list[dict]], args, generate: list[float]) -> str:
+    gen = statistics.mean(generate)
     lines = [
         f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; adapters r=8/16/32 (all-linear) and the "
-        f"base in turn; prompt {args.prompt_tokens} tokens, {args.max_tokens} generated (greedy); max batch "
+        f"base in turn; prompt {args.prompt_tokens} tokens, {args.max_tokens} generated (greedy, streamed); max batch "
         f"{args.max_batch}; server with {args.threads or 'default'} torch thread(s); clients in another process on the "
         f"same machine; {platform.machine()}, {os.cpu_count()} CPUs (load average {args.load:.1f} from other work at the "
-        f"start), torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.",
+        f"start), torch {torch.__version__}; {time.strftime('%Y-%m-%d')}. Plain `generate` of the base at batch "
+        f"{args.max_batch} in the bench process: {gen:.1f} tokens/s (before and after the levels: "
+        f"{', '.join(f'{g:.1f}' for g in generate)}).",
         "",
-        "| clients | requests | tokens/s | p50 latency (s) | p99 latency (s) | mean decode batch | errors |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | clients | requests | tokens/s | × generate | p50 TTFT (s) | p99 TTFT (s) | p50 latency (s) | p99 latency (s) | mean decode batch | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in results:
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | "
-                     f"{r['mean_batch']:.2f} | {r['errors']} |")
+    for name, rows in results.items():
+        for r in rows:
+            lines.append(f"| {name} | {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['tok_s'] / gen:.2f} | "
+                         f"{r['ttft50']:.3f} | {r['ttft99']:.3f} | {r['p50']:.3f} | {r['p99']:.3f} | "
+                         f"{r['mean_batch']:.2f} | {r['errors']} |")
     return "\n".join(lines)
 
 
@@ -201,22 +258,32 @@ def append_to_docs(text: str) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.load = os.getloadavg()[0]
+    servers = {"this lorakit": None}
+    if args.compare_src:
+        servers[f"{Path(args.compare_src).name} (older)"] = args.compare_src
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build(root, args)
-        proc, url = start_server(root, args)
+        generate = [plain_generate(root, args)]
+        print(f"plain generate at batch {args.max_batch}: {generate[0]:.1f} tok/s", flush=True)
+        procs = {name: start_server(root, args, src) for name, src in servers.items()}
         try:
-            run_level(url, 1, argparse.Namespace(**{**vars(args), "requests": 2}))  # warm-up
-            results = []
+            for _, url in procs.values():
+                run_level(url, 1, argparse.Namespace(**{**vars(args), "requests": 2}))  # warm-up
+            results: dict[str, list[dict]] = {name: [] for name in servers}
             for clients in args.clients:
-                r = run_level(url, clients, args)
-                print(f"{clients:3d} clients: {r['requests']} requests, {r['tok_s']:.1f} tok/s, p50 {r['p50']:.3f} s, "
-                      f"p99 {r['p99']:.3f} s, mean batch {r['mean_batch']:.2f}", flush=True)
-                results.append(r)
+                for name, (_, url) in procs.items():  # level by level, the servers in turn (each idles meanwhile)
+                    r = run_level(url, clients, args)
+                    print(f"{name}: {clients:3d} clients: {r['requests']} requests, {r['tok_s']:.1f} tok/s, TTFT p50 "
+                          f"{r['ttft50']:.3f} s, p50 {r['p50']:.3f} s, p99 {r['p99']:.3f} s, mean batch "
+                          f"{r['mean_batch']:.2f}", flush=True)
+                    results[name].append(r)
         finally:
-            proc.terminate()
-            proc.wait(30)
-    text = table(results, args)
+            for proc, _ in procs.values():
+                proc.terminate()
+                proc.wait(30)
+        generate.append(plain_generate(root, args))
+    text = table(results, args, generate)
     print("\n" + text)
     if not args.no_write and not args.quick:
         print(f"\nappended to {append_to_docs(text)}")

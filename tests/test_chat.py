@@ -8,7 +8,7 @@ import torch
 import lorakit
 from lorakit import chat
 from lorakit.serve.api_models import ChatRequest
-from lorakit.serve.server import _encode_chat
+from lorakit.serve.openai_routes import _encode_chat
 from lorakit.train import data
 
 from .conftest import chat_tokenizer, load

@@ -197,8 +197,8 @@ def test_library_functions_keep_a_cuda_model_on_its_gpu(llama, tmp_path, tokens)
             lorakit.set_active(model, name)
             torch.testing.assert_close(mixed[row], model(ids[row:row + 1]).logits[0], atol=1e-5, rtol=1e-4)
     tensors = [*model.parameters(), *model.buffers()]
-    tensors += [t for _, layer in lora_layers(model) if layer.row_stack is not None
-                for t in (layer.row_stack.A, layer.row_stack.B)]
+    tensors += [t for _, layer in lora_layers(model) if layer.row_slots is not None
+                for g in layer.row_slots.groups.values() for t in (g.A, g.B)]
     assert {t.device for t in tensors} == {GPU}
 
 

@@ -156,9 +156,10 @@ def test_library_functions_keep_a_model_where_it_is(llama, tmp_path):
         assert model(ids).logits.device.type == "meta"
         lorakit.unmerge(model)
     tensors = [*model.parameters(), *model.buffers()]
-    stacks = [layer.row_stack for _, layer in lora_layers(model) if layer.row_stack is not None]  # built above
-    assert stacks
-    tensors += [t for stack in stacks for t in (stack.A, stack.B)]
+    groups = [g for _, layer in lora_layers(model) if layer.row_slots is not None
+              for g in layer.row_slots.groups.values()]  # filled above
+    assert groups
+    tensors += [t for g in groups for t in (g.A, g.B, g.scale)]
     assert {t.device.type for t in tensors} == {"meta"}
     adapter_dtypes = {p.dtype for name, p in model.named_parameters() if "adapters." in name}
     assert adapter_dtypes == {torch.float32}  # as PEFT: fp32 factors (and routers) on a half-precision base

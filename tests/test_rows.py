@@ -170,33 +170,34 @@ def test_sampling_generate(llama3):
     assert torch.equal(mixed, llama3.generate(x, **kw))
 
 
-def test_switching_copies_nothing_and_stacks_are_cached(llama3):
+def test_switching_copies_nothing_and_slots_are_kept(llama3):
     x = ids(3)
-    ptrs = {n: p.data_ptr() for n, p in llama3.named_parameters()}
     with torch.no_grad():
         llama3(x, adapter_names=["a", "b", "c"])
-        stacks = {n: layer.row_stack for n, layer in lora_layers(llama3)}
+        ptrs = {n: p.data_ptr() for n, p in llama3.named_parameters()}
+        slots = {n: dict(layer.row_slots.slots) for n, layer in lora_layers(llama3)}
         llama3(x, adapter_names=["c", None, "a"])
         llama3(x, adapter_names=["b", "b", "b"])
     assert {n: p.data_ptr() for n, p in llama3.named_parameters()} == ptrs
-    assert {n: layer.row_stack for n, layer in lora_layers(llama3)} == stacks  # same objects: not rebuilt
+    assert {n: dict(layer.row_slots.slots) for n, layer in lora_layers(llama3)} == slots  # same slots: nothing re-copied
 
 
-def test_stacks_follow_adapter_changes(llama3):
-    """Adding, deleting and changing an adapter in place (a training step, a load) rebuild what they touch."""
+def test_slots_follow_adapter_changes(llama3):
+    """Adding, deleting and changing an adapter in place (a training step, a load) refresh only what they touch."""
     x = ids(3)
     with torch.no_grad():
         llama3(x, adapter_names=["a", "b", "c"])
     q = llama3.model.layers[0].self_attn.q_proj
-    before = q.row_stack
+    slot_a = q.row_slots.slots["a"]
     lorakit.inject(llama3, LoraConfig(r=3, target_modules=["q_proj"]), adapter="d")
     randomise_lora(llama3, std=0.1, seed=5)  # every factor changes in place
     names = ["d", "a", "b"]
     with torch.no_grad():
         got = llama3(x, adapter_names=names).logits
-    assert q.row_stack is not before
+    assert q.row_slots.slots["a"].index == slot_a.index and q.row_slots.slots["a"].group is slot_a.group  # refreshed in place
     torch.testing.assert_close(got, rows_alone(llama3, x, names), atol=ATOL, rtol=0)
     lorakit.delete_adapter(llama3, "b")
+    assert "b" not in q.row_slots.slots
     with torch.no_grad():
         got = llama3(x, adapter_names=["d", "a", None]).logits
     torch.testing.assert_close(got, rows_alone(llama3, x, ["d", "a", None]), atol=ATOL, rtol=0)

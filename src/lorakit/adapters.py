@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import rows
+from . import rows, slots
 from .errors import AdapterNotFoundError, MergeStateError
 from .layers import ActiveAdapter
 from .rows import MixedBatchError
@@ -88,6 +88,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
         raise MergeStateError(f"adapter {adapter!r} is merged into the weights; call lorakit.unmerge(model) first")
     for _, layer in lora_layers(model):
         if adapter in layer.adapters:
+            slots.free_slot(layer, adapter)
             layer.remove_adapter(adapter)
     for _, wrapper in save_wrappers(model):
         if adapter in wrapper.modules_to_save:
@@ -166,14 +167,14 @@ def check_names(model: nn.Module, names: RowNames) -> tuple[str | None, ...]:
     if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
         raise MixedBatchError(f"adapter_names must be a non-empty list with one adapter name (or None) per row, got {names!r}")
     state = get_state(model)
-    known = list(state.configs) if state else []
+    known = state.configs if state else {}  # a dict: membership costs the same with thousands of adapters
     for i, name in enumerate(names):
         if name is None:
             continue
         if not isinstance(name, str):
             raise MixedBatchError(f"adapter_names[{i}] must be an adapter name or None, got {name!r}")
         if name not in known:
-            raise AdapterNotFoundError(f"no adapter named {name!r} (row {i}); the model has: {known or 'none'}")
+            raise AdapterNotFoundError(f"no adapter named {name!r} (row {i}); the model has: {list(known) or 'none'}")
     for name in dict.fromkeys(n for n in names if n is not None):
         if state.configs[name].modules_to_save and any(name in w.modules_to_save for _, w in save_wrappers(model)):
             raise MixedBatchError(

@@ -51,6 +51,27 @@ def _convert(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from .check import adapter_dirs, check, fix, report
+    from .errors import ConfigError
+
+    paths = [p for a in args.adapters for p in adapter_dirs(a)]
+    if args.fix and (args.out is None or len(paths) != 1):
+        raise ConfigError("--fix writes one adapter's servable copy: pass one adapter directory and --out DIR")
+    bad = 0
+    for path in paths:
+        adapter, found = check(path, args.engine)
+        print(report(path, adapter, found, args.engine))
+        if found and args.fix and adapter is not None:
+            applied = fix(adapter, found, args.engine, args.out)
+            print(f"wrote a copy that {args.engine} can serve to {args.out} ({', '.join(applied)})")
+            continue
+        bad += bool(found)
+    if len(paths) > 1:
+        print(f"{len(paths) - bad} of {len(paths)} adapters can be served by {args.engine}")
+    return 1 if bad else 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -90,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["lora"], help="the form to write: lora (servable by any LoRA server)")
     p.add_argument("--out", required=True, help="output adapter directory")
     p.set_defaults(func=_convert)
+
+
+    p = sub.add_parser("check", help="whether vLLM, LoRAX, PEFT or lorakit can serve an adapter, and why not",
+                       description="Checks the config and the weights' header; --fix writes a servable copy where a "
+                                   "conversion exists. A directory of adapters (a registry root) checks each one.")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directory, or a directory of adapters")
+    p.add_argument("--for", dest="engine", required=True, choices=["vllm", "lorax", "peft", "lorakit"])
+    p.add_argument("--fix", action="store_true", help="write a copy the engine can serve (needs --out)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where --fix writes the copy")
+    p.set_defaults(func=_check)
 
     p = sub.add_parser("demo", help="inject, train, save, reload and merge on a tiny built-in model")
     p.add_argument("--steps", type=int, default=60)

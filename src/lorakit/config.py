@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +114,7 @@ class LoraConfig:
 
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> "LoraConfig":
-        """Build from an adapter_config.json written by PEFT or by lorakit; refuse what we cannot honour."""
+        """Build from an adapter_config.json written by PEFT (any version) or by lorakit; refuse what we cannot honour."""
         if d.get("peft_type", "LORA") != "LORA":
             raise ConfigError(f"peft_type is {d.get('peft_type')!r}; lorakit loads LoRA adapters (peft_type 'LORA') only")
         for flag in ("use_qalora",):
@@ -121,6 +122,7 @@ class LoraConfig:
                 raise ConfigError(f"this adapter uses {flag}=true, which lorakit does not support yet")
         if d.get("lora_bias"):
             raise ConfigError("this adapter uses lora_bias=true (a bias on lora_B), which lorakit does not support yet")
+        check_peft_keys(d, PEFT_LORA_KEYS)
         init = d.get("init_lora_weights", True)
         return cls(
             r=int(d.get("r", 8)),
@@ -170,6 +172,45 @@ def normalise_shared_fields(config) -> None:
         config.modules_to_save = [config.modules_to_save]
     if config.task_type == "SEQ_CLS":  # as PEFT does: a new classification head must be trained in full
         config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + ["classifier", "score"]))
+
+
+# adapter_config.json keys of PEFT's LoraConfig (0.4 to 0.21) that lorakit reads, or that do not change what a
+# trained adapter computes (metadata, initialisation-only settings, run-time options).
+PEFT_LORA_KEYS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "modules_to_save", "use_rslora", "use_dora", "use_qalora", "lora_bias", "bias",
+    "fan_in_fan_out", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "runtime_config", "megatron_core", "qalora_group_size", "ensure_weight_tying", "merge_weights",
+}
+# Keys that change the math when set: refused by name (value -> what it means), unless at their neutral value.
+PEFT_MATH_KEYS = {
+    "layer_replication": "copies of decoder layers sharing weights",
+    "trainable_token_indices": "trained rows of the token embeddings",
+    "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts)",
+    "alora_invocation_tokens": "activated LoRA (the adapter runs only after given tokens)",
+    "megatron_config": "Megatron tensor-parallel layers",
+    "enable_lora": "the old MergedLinear layout (one LoRA per part of a fused projection)",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing between adapters",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA (singular-value adaptation)",
+    "velora_config": "VeLoRA",
+}
+_WARNED: set[str] = set()
+
+
+def check_peft_keys(d: dict[str, Any], known: set[str]) -> None:
+    """Refuse a key that changes what the adapter computes (by name); warn once per process about each key this
+    lorakit does not know (e.g. from a newer PEFT) and ignore it."""
+    for key, value in d.items():
+        if key in PEFT_MATH_KEYS and value not in (None, False, [], {}, 0):
+            raise ConfigError(f"this adapter sets {key}={value!r} ({PEFT_MATH_KEYS[key]}), which changes what it computes "
+                              "and which lorakit does not support; load it with PEFT instead")
+        if key not in known and key not in PEFT_MATH_KEYS and key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"adapter_config.json has a key lorakit does not know, {key!r} (from a newer PEFT or another "
+                          "tool?); it is ignored", stacklevel=3)
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from torch import nn
@@ -11,7 +12,7 @@ from .config import LoraConfig
 from .errors import AdapterExistsError, ConfigError
 from .layers import LoraLayer, layer_type
 from .matching import default_targets, match_modules_to_save, match_targets
-from .state import ModulesToSave, get_state, replace_module
+from .state import ModulesToSave, base_parameters, get_state, replace_module
 from .variants import adapter_class
 
 
@@ -28,41 +29,75 @@ class TrainableCount(NamedTuple):
 
 
 def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default", activate: bool = True,
-           strict: bool = False) -> nn.Module:
+           strict: bool = False, trainable: bool = True) -> nn.Module:
     """Add adapter `adapter` to `model` in place: wrap the modules `config` targets and freeze the rest.
 
     The adapter starts as a no-op (B = 0), so the model's outputs do not change. Returns `model`.
     With `strict=True`, a name in `target_modules` that matches nothing is an error rather than a warning.
+    With `trainable=False` the new adapter is frozen too and the other adapters are left as they are (so
+    adding one costs the same however many the model holds: what loading for inference needs).
     """
+    return attach(model, build(model, config, adapter, strict), adapter, activate, trainable)
+
+
+@dataclass
+class Built:
+    """An adapter's objects, made for a model but not on it yet (a server makes them outside its model lock)."""
+
+    config: object
+    targets: list[str]
+    objects: list[tuple[str, nn.Module]]  # (target module name, the adapter object for it)
+
+
+def build(model: nn.Module, config=None, adapter: str = "default", strict: bool = False) -> Built:
+    """Match the targets and make every adapter object, without touching the model (a refused layer leaves it
+    as it was)."""
     config = config or LoraConfig()
     if not hasattr(config, "method") or not hasattr(config, "target_modules"):
         raise ConfigError(f"inject() takes a lorakit.LoraConfig (or a variant's config), got {type(config).__name__}")
     if not isinstance(adapter, str) or not adapter or "." in adapter:
         raise ConfigError(f"adapter names must be non-empty strings without dots, got {adapter!r}")
-    state = get_state(model, create=True)
-    if adapter in state.configs:
-        raise AdapterExistsError(f"model already has an adapter named {adapter!r}; delete it first or pick another name")
+    _check_free(model, adapter)
     if config.target_modules is None:
         config = config.replace(target_modules=default_targets(model))
-
     targets = match_targets(model, config, strict=strict)
     cls = adapter_class(config)
     bases = [(name, _base(model.get_submodule(name))) for name in targets]
     shared = cls.prepare(config, model, bases)
-    # Every adapter object is built before the model is touched, so a refused layer leaves the model as it was.
-    built = [(name, cls.create(config, base, layer_type(base), name, shared)) for name, base in bases]
-    for name, adapter_object in built:
+    return Built(config, targets, [(name, cls.create(config, base, layer_type(base), name, shared)) for name, base in bases])
+
+
+def attach(model: nn.Module, built: Built, adapter: str, activate: bool = True, trainable: bool = True) -> nn.Module:
+    """Put built adapter objects on the model under `adapter`: wrap their layers, record the config, choose what trains."""
+    first = get_state(model) is None
+    _check_free(model, adapter)
+    state = get_state(model, create=True)
+    config = built.config
+    for name, adapter_object in built.objects:
         _wrap(model, name).add_adapter(adapter, adapter=adapter_object)
     for name in match_modules_to_save(model, config):
         _wrap_to_save(model, name).add_copy(adapter)
 
     state.configs[adapter] = config
-    state.targets[adapter] = targets
+    state.targets[adapter] = built.targets
     if activate or not state.active:
         set_active(model, adapter)
-    mark_trainable(model, adapter)
+    if trainable:
+        mark_trainable(model, adapter)
+    else:
+        if first:  # the base is frozen once; later adapters leave whatever the user has set since
+            for p in base_parameters(model):
+                p.requires_grad_(False)
+        for _, a in built.objects:
+            a.requires_grad_(False)
     install_adapter_names(model)  # model(ids, adapter_names=[...]): one adapter per row
     return model
+
+
+def _check_free(model: nn.Module, adapter: str) -> None:
+    state = get_state(model)
+    if state is not None and adapter in state.configs:
+        raise AdapterExistsError(f"model already has an adapter named {adapter!r}; delete it first or pick another name")
 
 
 def trainable_parameters(model: nn.Module, verbose: bool = True) -> TrainableCount:

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import slots
 from .adapters import delete_adapter
 from .errors import (
     AdapterFileError,
@@ -30,7 +31,7 @@ from .errors import (
     TargetModulesNotFoundError,
 )
 from .files import atomic_write, atomic_write_json
-from .inject import inject
+from .inject import build, attach
 from .layers import LAYER_TYPES, LoraLayer, adapter_dtype, layer_type
 from .matching import base_of, logical_modules, saved_target_modules
 from .state import ModulesToSave, adapter_layers, get_state, save_wrappers
@@ -226,13 +227,16 @@ def check_adapter_files(path: str | os.PathLike, model: nn.Module | None = None,
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             raise AdapterFileError(f"{file}: tensor {key!r} has dtype {dtype_name}; adapter tensors must be floating point")
-        factor = split_factor_key(key)
+        canonical = canonical_key(key)
+        if canonical is None:  # a copy of a base weight some tools save next to a trained one
+            continue
+        factor = split_factor_key(canonical)
         if factor is None:
             if cls.is_model_tensor(key):
                 result.nbytes += _numel(shape) * adapter_dtype(dtype).itemsize
                 result.tensors.append(FileTensor(key, shape, "", key))
                 continue
-            logical = key.replace(".base_layer.", ".")
+            logical = on_model(canonical.replace(".base_layer.", "."), params)
             target = params.get(logical)
             if target is None:
                 raise IncompatibleAdapterError(
@@ -243,6 +247,7 @@ def check_adapter_files(path: str | os.PathLike, model: nn.Module | None = None,
             result.tensors.append(FileTensor(key, shape, logical, None))
             continue
         module_name, token = factor
+        module_name = on_model(module_name, modules)
         base = modules.get(module_name)
         if base is None:
             raise IncompatibleAdapterError(
@@ -264,6 +269,33 @@ def check_adapter_files(path: str | os.PathLike, model: nn.Module | None = None,
         result.tensors.append(FileTensor(key, shape, module_name, name))
     _check_complete(result, cls, modules, file)
     return result
+
+
+# Segments that wrappers add to parameter names (torch.compile, FSDP, activation checkpointing), as found in
+# adapters saved from a wrapped model's state_dict (e.g. axolotl's FSDP runs).
+_WRAPPERS = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+# PEFT's own wrapper of a module trained in full: `<module>.modules_to_save.<adapter>.<param>` in a raw state_dict.
+_SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+\.")
+
+
+def canonical_key(key: str) -> str | None:
+    """A tensor key (prefix removed) spelled as PEFT writes it, from the spellings other tools use: wrapper
+    segments dropped, `modules_to_save.<adapter>.` folded away. None for `original_module` copies of base weights
+    (raw state_dict dumps carry them; they are the base's, not the adapter's). The adapter name inside factor keys
+    (`lora_A.default.weight`) is handled by split_factor_key. The one place where key spellings are normalised."""
+    key = _SAVED_COPY.sub(".", _WRAPPERS.sub("", _strip_prefix(key)))
+    return None if ".original_module." in key else key
+
+
+def on_model(name: str, names) -> str:
+    """`name` (a module or parameter path) as the model spells it: as is, or with a leading `model.` added or
+    removed (adapters saved from the inner model, e.g. LlamaModel, or from a model wrapped once more)."""
+    if name in names:
+        return name
+    for candidate in ("model." + name, name.removeprefix("model.")):
+        if candidate in names:
+            return candidate
+    return name
 
 
 def split_factor_key(key: str) -> tuple[str, str] | None:
@@ -352,25 +384,117 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     """Add the adapter stored at `path` (PEFT's format) to `model` under `adapter`; works on a plain model too.
 
     Nothing is left half-loaded: on any error the adapter is removed again and the model is as before.
+    An adapter loaded for inference (`trainable=False`) goes into its layers' per-row slots and is held once.
     """
     files = check_adapter_files(path, model)
-    tensors = read_adapter_tensors(path)
+    return attach_adapter(model, files, read_adapter_tensors(path), adapter, activate=activate, trainable=trainable)
+
+
+def attach_adapter(model: nn.Module, files: AdapterFiles, tensors: dict[str, torch.Tensor], adapter: str,
+                   activate: bool = True, trainable: bool = False, slot_capacity: int | None = None) -> nn.Module:
+    """The model-changing half of `load_adapter`, for files already checked and read: prepare, then commit."""
+    return commit_adapter(model, prepare_adapter(model, files, tensors, adapter, trainable, slot_capacity), activate)
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter built and filled off the model, its per-row slots written but not published: what a server
+    does outside its model lock. `commit_adapter` puts it on the model (cheap); `discard_adapter` gives it up."""
+
+    files: AdapterFiles
+    tensors: dict[str, torch.Tensor]
+    name: str
+    built: Any
+    trainable: bool
+    slot_capacity: int | None
+    filled: bool = False  # its factors were copied into the built objects (a file of layer factors only)
+    staged: dict[str, Any] = field(default_factory=dict)  # layer name -> slots.Slot, for layers already wrapped
+
+
+def prepare_adapter(model: nn.Module, files: AdapterFiles, tensors: dict[str, torch.Tensor], adapter: str,
+                    trainable: bool = False, slot_capacity: int | None = None) -> PreparedAdapter:
+    """Build the adapter's objects and, for a file of layer factors only, copy them in and write them into free
+    per-row slots of the layers the model already wraps; nothing on the model changes (its module tree is read)."""
     try:
-        inject(model, files.config, adapter=adapter, activate=activate)
+        built = build(model, files.config, adapter)
     except TargetModulesNotFoundError as e:
-        raise IncompatibleAdapterError(f"adapter {str(path)!r} does not fit this {type(model).__name__}: {e}") from None
+        raise IncompatibleAdapterError(f"adapter {str(files.path)!r} does not fit this {type(model).__name__}: {e}") from None
+    prepared = PreparedAdapter(files, tensors, adapter, built, trainable, slot_capacity)
+    if any(t.name is None or not t.module for t in files.tensors):
+        return prepared  # biases, saved modules, model-level tensors: copied once on the model (commit_adapter)
+    objects = {name: a for name, a in built.objects}
+    with torch.no_grad():
+        for t in files.tensors:
+            if t.module not in objects:
+                raise _untargeted(files, t)
+            layer = _layer_view(model, t.module)
+            load_checked(objects[t.module].load_targets(layer)[t.name], tensors[t.key], t.key, files.path / WEIGHTS_NAME)
+    _check_filled(files, set(objects))
+    prepared.filled = True
+    if not trainable:
+        try:
+            for name, a in built.objects:
+                layer = model.get_submodule(name)
+                if isinstance(layer, LoraLayer) and layer.type.per_row:
+                    a.requires_grad_(False)
+                    prepared.staged[name] = slots.stage_slot(layer, a, slot_capacity)
+        except BaseException:
+            discard_adapter(prepared)
+            raise
+    return prepared
+
+
+def commit_adapter(model: nn.Module, prepared: PreparedAdapter, activate: bool = True) -> nn.Module:
+    """Put a prepared adapter on the model: attach its objects, publish its staged slots (no copy), and finish what
+    preparing left (other tensors, slots of layers wrapped only now). On any error the model is as before."""
+    adapter, files = prepared.name, prepared.files
     try:
-        copy_adapter_tensors(model, adapter, files, tensors)
+        attach(model, prepared.built, adapter, activate=activate, trainable=prepared.trainable)
     except BaseException:
+        discard_adapter(prepared)
+        raise
+    try:
+        if not prepared.filled:
+            copy_adapter_tensors(model, adapter, files, prepared.tensors)
+        if not prepared.trainable:
+            for _, wrapper in save_wrappers(model):
+                if adapter in wrapper.modules_to_save:
+                    wrapper.modules_to_save[adapter].requires_grad_(False)
+            for name, layer, a in adapter_layers(model, adapter):
+                if name in prepared.staged:
+                    slots.publish_slot(layer, adapter, prepared.staged.pop(name))
+                elif layer.type.per_row:
+                    slots.put_in_slot(layer, adapter, a, capacity=prepared.slot_capacity)
+    except BaseException:
+        discard_adapter(prepared)
         delete_adapter(model, adapter)
         raise
-    if not trainable:
-        for _, _, a in adapter_layers(model, adapter):
-            a.requires_grad_(False)
-        for _, wrapper in save_wrappers(model):
-            if adapter in wrapper.modules_to_save:
-                wrapper.modules_to_save[adapter].requires_grad_(False)
     return model
+
+
+def discard_adapter(prepared: PreparedAdapter) -> None:
+    """Give back the slots a prepared adapter holds (a load that failed or was given up)."""
+    for slot in prepared.staged.values():
+        slots.unstage_slot(slot)
+    prepared.staged.clear()
+
+
+def _layer_view(model: nn.Module, name: str) -> LoraLayer:
+    """The LoRA layer at `name`, or a detached one around its base (peft_tensors asks a layer for its type)."""
+    module = model.get_submodule(name)
+    return module if isinstance(module, LoraLayer) else LoraLayer(module)
+
+
+def _untargeted(files: AdapterFiles, t: FileTensor) -> IncompatibleAdapterError:
+    return IncompatibleAdapterError(f"{files.path / WEIGHTS_NAME} has {t.key!r}, but its config does not target "
+                                    f"{t.module!r}; the config and weights disagree")
+
+
+def _check_filled(files: AdapterFiles, targeted: set[str]) -> None:
+    missing = sorted(targeted - {t.module for t in files.tensors if t.name is not None})
+    if missing:
+        raise IncompatibleAdapterError(f"{files.path / WEIGHTS_NAME} has no tensors for {missing[:3]}, which its config "
+                                       "targets; the file is incomplete")
 
 
 def load_adapter_weights(model: nn.Module, adapter: str, path: str | os.PathLike) -> None:
@@ -385,7 +509,6 @@ def copy_adapter_tensors(model: nn.Module, adapter: str, files: AdapterFiles, te
     file = files.path / WEIGHTS_NAME
     layers = {name: (layer, a) for name, layer, a in adapter_layers(model, adapter)}
     cls = adapter_class(files.config)
-    filled: set[str] = set()
     model_tensors = {}
     for t in files.tensors:
         value = tensors[t.key]
@@ -395,17 +518,12 @@ def copy_adapter_tensors(model: nn.Module, adapter: str, files: AdapterFiles, te
             model_tensors[t.name] = value
         else:
             if t.module not in layers:
-                raise IncompatibleAdapterError(
-                    f"{file} has {t.key!r}, but its config does not target {t.module!r}; the config and weights disagree"
-                )
+                raise _untargeted(files, t)
             layer, a = layers[t.module]
             load_checked(a.load_targets(layer)[t.name], value, t.key, file)
-            filled.add(t.module)
     if model_tensors:
         cls.load_model_tensors(model, adapter, model_tensors, file)
-    missing = sorted(set(layers) - filled)
-    if missing:
-        raise IncompatibleAdapterError(f"{file} has no tensors for {missing[:3]}, which its config targets; the file is incomplete")
+    _check_filled(files, set(layers))
 
 
 def _copy_other(model: nn.Module, adapter: str, t: FileTensor, value: torch.Tensor, file: Path) -> None:

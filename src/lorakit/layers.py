@@ -157,7 +157,8 @@ class LoraAdapter(nn.Module):
       merge_into(layer, W, w)   the weight after merging at strength w into W (fp32)
       output(layer, x, y)       the contribution added to the base output y
       fast_forward(layer, x, w) the whole layer output by a faster route when this adapter runs alone, else None
-      row_factors(layer)        (Aᵀ, scale·Bᵀ) for per-row batches; row_column_scale(layer) for DoRA-like rescaling
+      row_factors(layer)        (Aᵀ, Bᵀ, scale) for per-row slots; row_column_scale(layer) for DoRA-like rescaling;
+                                share_row_slot(layer, Aᵀ, Bᵀ) lets an inference-only adapter become a view of its slot
       peft_tensors(layer)       {name after the module path in PEFT's file: tensor}; load_peft_tensor() the reverse
     """
 
@@ -240,17 +241,29 @@ class LoraAdapter(nn.Module):
         """The dtype the adapter computes in (the fused path needs input, weight and factors alike)."""
         return self.lora_A.dtype
 
-    def row_factors(self, layer: "LoraLayer") -> tuple[torch.Tensor, torch.Tensor]:
-        """(Aᵀ (in, r), scale·Bᵀ (r, out)): what per-row batches stack."""
+    def row_factors(self, layer: "LoraLayer") -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(Aᵀ (in, r), Bᵀ (r, out), scale): what a per-row slot holds. The scale stays apart (applied to the
+        r-wide product) so that the slot can hold the factors themselves; a pair (Aᵀ, scale·Bᵀ) also works."""
         A, B = self.factors()
-        return A.T, B.T * self.scale
+        return A.T, B.T, self.scale
+
+    def share_row_slot(self, layer: "LoraLayer", At: torch.Tensor, Bt: torch.Tensor) -> bool:
+        """Make this adapter's tensors views of its per-row slot (which holds row_factors), so that a loaded
+        adapter is held once; True if done. Only when the factors are the parameters themselves (variants that
+        compute theirs keep them). The Parameter objects stay the same, so optimizers holding them still work."""
+        A, B = self.factors()
+        own_A, own_B = self._parameters.get("lora_A"), self._parameters.get("lora_B")
+        if A is not own_A or B is not own_B or At.T.shape != A.shape or Bt.T.shape != B.shape:
+            return False
+        self.lora_A.data, self.lora_B.data = At.T, Bt.T
+        return True
 
     def row_column_scale(self, layer: "LoraLayer") -> torch.Tensor | None:
         """A per-output-feature factor applied to `base(x) − bias + ΔW x` (DoRA's m/‖W'‖); None for plain LoRA."""
         return None
 
     def row_version(self) -> tuple:
-        """Changes whenever what row_factors/row_column_scale return changes (per-row stacks are rebuilt then)."""
+        """Changes whenever what row_factors/row_column_scale return changes (the per-row slot is refreshed then)."""
         return _tensor_versions(self._parameters.values()) + (self.scale,)
 
     def peft_tensors(self, layer: "LoraLayer") -> dict[str, torch.Tensor]:
@@ -344,7 +357,7 @@ class LoraLayer(nn.Module):
         # merge() keeps the untouched weight here so unmerge() is bit-exact (subtracting drifts).
         self.original_weight: torch.Tensor | None = None
         self.base_parts: list[str] = []  # adapters that hold part of the base weight (PiSSA/OLoRA), see base_part()
-        self.row_stack = None  # this layer's adapters stacked for per-row batches (cache of rows.py)
+        self.row_slots = None  # slots.SlotPool: this layer's adapters in stacked slots for per-row batches
 
     @property
     def kind(self) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 from .config import ALL_LINEAR, DEFAULT_TARGETS
 from .errors import ConfigError, TargetModulesNotFoundError
 from .layers import LoraLayer, layer_type
-from .state import ModulesToSave
+from .state import ModulesToSave, walk
 
 # Top-level heads that "all-linear" leaves alone: they map to the vocabulary or the labels.
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "embed_out")
@@ -105,13 +105,7 @@ def match_modules_to_save(model: nn.Module, config) -> list[str]:
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """named_modules(), but a LoRA layer or saved-module wrapper stands for the module it wraps."""
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(s) for s in skip):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            skip.append(name + ".")
-        yield name, module
+    return walk(model, stop=(LoraLayer, ModulesToSave))
 
 
 def wrappable(module: nn.Module) -> bool:
@@ -164,5 +158,5 @@ def _output_heads(model: nn.Module) -> list[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     if out is not None:
-        heads += [n for n, m in model.named_modules() if m is out and n]
+        heads += [n for n, m in logical_modules(model) if (m is out or base_of(m) is out) and n]
     return heads

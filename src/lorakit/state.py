@@ -61,16 +61,43 @@ def drop_state(model: nn.Module) -> None:
     model.__dict__.pop("_lorakit_state", None)
 
 
+def walk(model: nn.Module, stop: tuple[type, ...] = (LoraLayer,)) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() in the same order, without entering modules of the `stop` types: a LoRA layer may hold
+    thousands of adapters, and walking them would make every operation on the model cost more with each one."""
+    seen: set[int] = set()
+    todo = [("", model)]
+    while todo:
+        name, module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if not isinstance(module, stop):
+            prefix = name + "." if name else ""
+            todo.extend((prefix + k, m) for k, m in reversed(module._modules.items()) if m is not None)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    for name, module in model.named_modules():
+    for name, module in walk(model):
         if isinstance(module, LoraLayer):
             yield name, module
 
 
 def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in model.named_modules():
+    for name, module in walk(model):
         if isinstance(module, ModulesToSave):
             yield name, module
+
+
+def base_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Every parameter that belongs to no adapter (the base's), walked without entering any adapter."""
+    for _, module in walk(model, stop=(LoraLayer, ModulesToSave)):
+        if isinstance(module, LoraLayer):
+            yield from module.base_layer.parameters()
+        elif isinstance(module, ModulesToSave):
+            yield from module.original_module.parameters()
+        else:
+            yield from module.parameters(recurse=False)
 
 
 def adapter_layers(model: nn.Module, adapter: str) -> Iterator[tuple[str, LoraLayer, nn.Module]]:

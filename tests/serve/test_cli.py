@@ -30,7 +30,8 @@ def test_help_shows_host_and_port_defaults(cli, monkeypatch):
 
 
 def test_max_lora_rank_refuses_a_bigger_adapter(lm_dir, tmp_path):
-    from lorakit.serve.server import _register_and_load, create_app
+    from lorakit.serve.admin_routes import _register_and_load
+    from lorakit.serve.server import create_app
 
     for name, r in (("small", 4), ("big", 8)):
         model = load(lm_dir)

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.serve.engine import BatchCache, Engine, Job, QueueFullError, SamplingParams, TextStream, sample
+from lorakit.serve.batch_cache import BatchCache
+from lorakit.serve.engine import Engine, Job, QueueFullError
+from lorakit.serve.sampling import SamplingParams, sample
+from lorakit.serve.text import TextStream
 from tests.conftest import llama_config, randomise_lora
 
 
@@ -179,7 +182,7 @@ def test_eos_stop_strings_and_the_context_limit_finish_rows(engine):
     engine.eos_token_ids = {ord(first[0][4]) - 256}  # the 5th token ends the row
     eos = run(engine, [([3, 4], "a", SamplingParams(max_tokens=30, temperature=0))])[0]
     engine.eos_token_ids = set()
-    assert eos[1:] == ("stop", first[0].index(first[0][4]) + 1) and first[0].startswith(eos[0])
+    assert eos[1:] == ("eos", first[0].index(first[0][4]) + 1) and first[0].startswith(eos[0])
     stop = run(engine, [([3, 4], "a", SamplingParams(max_tokens=30, temperature=0, stop=(first[0][6:8],)))])[0]
     assert stop[0] == first[0][: first[0].index(first[0][6:8])] and stop[1] == "stop"
     long = run(engine, [(list(range(90)), None, SamplingParams(max_tokens=50, temperature=0))])[0]
@@ -208,3 +211,34 @@ def test_cancel_queue_full_and_a_broken_adapter(model):
     assert results[0][1:] == ("length", 4)
     assert engine.adapters.pins == {"a": 0}
     assert engine.stats.rejected == 1
+
+
+def test_batched_and_chunked_prefill_compute_what_rows_compute_alone(model):
+    """Prompts of different lengths and adapters prefilled together (left-padded in one forward), or in chunks of a
+    few tokens between decode steps, give each row the tokens it gets alone."""
+    g = torch.Generator().manual_seed(11)
+    jobs = [(torch.randint(0, 120, (n,), generator=g).tolist(), adapter, SamplingParams(max_tokens=6, temperature=0))
+            for n, adapter in [(3, "a"), (17, None), (9, "b"), (12, "a"), (5, "b"), (20, "a")]]
+    results = {}
+    for name, kwargs in {"alone": dict(max_batch=1), "batched": dict(max_batch=6, prefill_tokens=256),
+                         "chunked": dict(max_batch=6, prefill_tokens=8)}.items():
+        engine = Engine(model, CharTokenizer(), Pins(), max_queue=12, eos_token_ids=set(), **kwargs).start()
+        try:
+            if name == "alone":
+                results[name] = [run(engine, [job])[0] for job in jobs]
+            else:
+                with engine.model_lock:  # queue them all first, so they are prefilled together
+                    done = [None] * len(jobs)
+                    threads = [threading.Thread(target=lambda: done.__setitem__(0, run(engine, jobs)))]
+                    threads[0].start()
+                    while engine.queue_depth < len(jobs):
+                        threading.Event().wait(0.01)
+                threads[0].join()
+                results[name] = done[0]
+            results[name + "_stats"] = engine.stats
+        finally:
+            engine.stop()
+    assert results["batched"] == results["alone"] == results["chunked"]
+    batched, chunked = results["batched_stats"], results["chunked_stats"]
+    assert batched.prefill_rows / batched.prefills > 2  # several prompts per forward
+    assert chunked.prefill_forwards > chunked.prefills  # long prompts took several chunks

@@ -177,14 +177,14 @@ def test_a_slow_load_does_not_block_other_adapters(store, expected, monkeypatch)
     """While one adapter is stuck loading, a request for a loaded adapter runs to the end."""
     check(store, expected, "r2")
     started, finish = threading.Event(), threading.Event()
-    real = store_module.load_adapter
+    real = store_module.commit_adapter
 
     def slow_load(*args, **kwargs):
         started.set()
         assert finish.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "load_adapter", slow_load)
+    monkeypatch.setattr(store_module, "commit_adapter", slow_load)
     loader = threading.Thread(target=lambda: store.release(store.acquire("r8")))
     loader.start()
     assert started.wait(10)
@@ -300,3 +300,45 @@ def test_dora_adapters_serve_in_a_mixed_batch(llama_dir, root, expected, tmp_pat
         assert any(isinstance(a, DoraAdapter) for _, layer in lora_layers(served) for a in layer.adapters.values())
     for i, name in enumerate(names):
         torch.testing.assert_close(got[i], want[name][i % 2], atol=ATOL, rtol=0)
+
+
+def test_a_registry_root_with_broken_entries_serves_the_rest(llama, root, tmp_path, expected):
+    import shutil
+
+    reg = tmp_path / "registry"
+    shutil.copytree(root / "r2", reg / "team" / "r2")
+    shutil.copytree(root / "r4", reg / "r4")
+    (reg / "junk").mkdir()
+    (reg / "junk" / "adapter_config.json").write_text("{")
+    shutil.copytree(root / "r8", reg / "torn")
+    (reg / "torn" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    s = AdapterStore(llama, root=reg)
+    broken = s.register_root()
+    assert sorted(broken) == ["junk", "torn"] and s.broken == broken
+    assert "not valid JSON" in broken["junk"] and "corrupt" in broken["torn"]
+    assert sorted(s.names()) == ["r4", "team/r2"]
+    got = run(s, ["team/r2", "r4"])
+    torch.testing.assert_close(got[0], expected["r2"][0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[1], expected["r4"][1], atol=ATOL, rtol=0)
+
+
+def test_a_load_reads_its_files_without_the_model_lock(store, expected, monkeypatch):
+    """While an adapter's files are being read, the model lock is free (a running batch is not held up)."""
+    check(store, expected, "r2")
+    reading, finish = threading.Event(), threading.Event()
+    real = store_module.read_adapter_tensors
+
+    def slow_read(path):
+        reading.set()
+        assert finish.wait(10)
+        return real(path)
+
+    monkeypatch.setattr(store_module, "read_adapter_tensors", slow_read)
+    loader = threading.Thread(target=lambda: store.release(store.acquire("r8")))
+    loader.start()
+    assert reading.wait(10)
+    assert store.model_lock.acquire(timeout=5)  # free while the files are read
+    store.model_lock.release()
+    finish.set()
+    loader.join()
+    check(store, expected, "r8")

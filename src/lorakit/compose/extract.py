@@ -68,6 +68,12 @@ class _Checkpoint:
         self.keys = {k: h for h in self._handles for k in h.keys()}
         self.config = json.loads((self.path / "config.json").read_text())
 
+    def close(self) -> None:
+        """Release the files now (their mappings would otherwise live until the garbage collector finds them)."""
+        for h in self._handles:
+            h.__exit__(None, None, None)
+        self._handles, self.keys = [], {}
+
     def key_for(self, name: str) -> str | None:
         """The stored key of parameter `name`, allowing for a missing or extra top-level prefix."""
         if name in self.keys:
@@ -103,6 +109,14 @@ def extract_adapter(base: str | os.PathLike, tuned: str | os.PathLike, rank: int
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     base_ck, tuned_ck = _Checkpoint(base), _Checkpoint(tuned)
+    try:
+        return _extract(base_ck, tuned_ck, rank, out, targets, progress, base)
+    finally:
+        base_ck.close()
+        tuned_ck.close()
+
+
+def _extract(base_ck, tuned_ck, rank, out, targets, progress, base) -> ExtractReport:
     _check_same_architecture(base_ck, tuned_ck)
     model = _meta_model(base_ck.path, base_ck.config)
     config = LoraConfig(r=rank, alpha=rank, target_modules=targets, task_type=_task_type(base_ck.config),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
-    from .engine import Event
+    from .jobs import Event
 
 MAX_CHOICES = 16  # n × prompts per request; each is a row in the batch
 
@@ -217,8 +217,8 @@ class Reply:
         self.tokens[index] += event.tokens
         if event.finish_reason == "error":
             self.error = event.error or "unknown error"
-        if event.finish_reason is not None:
-            self.finish[index] = event.finish_reason
+        if event.finish_reason is not None:  # OpenAI says "stop" for the end-of-sequence token too
+            self.finish[index] = "stop" if event.finish_reason == "eos" else event.finish_reason
 
     def usage(self) -> dict[str, int]:
         completion = sum(self.tokens)

@@ -22,6 +22,12 @@ def add_parser(sub) -> None:
                    help='adapters to serve, e.g. chat=out/chat (vLLM\'s JSON form {"name": ..., "path": ...} too)')
     p.add_argument("--adapter-root", default=None, metavar="DIR",
                    help="every adapter must lie inside DIR; POST /v1/adapters may load from it (off without it)")
+    p.add_argument("--register-all", action="store_true",
+                   help="register every adapter directory under --adapter-root by its relative path (broken ones are "
+                        "skipped and listed, with the reason, at start and by GET /v1/adapters)")
+    p.add_argument("--prefill-tokens", type=int, default=128,
+                   help="tokens per prefill forward at most: waiting prompts are prefilled together, long ones in "
+                        "chunks (default: %(default)s)")
     p.add_argument("--name", "--served-model-name", dest="name", default=None,
                    help="model name of the base (default: the last part of --base)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
@@ -82,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(base, adapters=parse_adapters(args.adapters), adapter_root=args.adapter_root,
                      api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, base_name=name,
                      dtype=args.dtype, max_loaded=args.max_loaded, max_bytes=max_bytes, max_lora_rank=args.max_lora_rank,
-                     device=device)
+                     register_root=args.register_all, prefill_tokens=args.prefill_tokens, device=device)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)

@@ -1,9 +1,11 @@
 """Continuous batching: one thread runs decode steps over a running batch that requests join and leave.
 
-Each request is prefilled alone, then decoded together with whatever else is running. Rows keep
-their own keys/values inside one left-padded batch cache: an attention mask hides the padding and
-each row gets its own position ids, so a row computes what it would compute alone. Rows may use
-different adapters (per-row LoRA through `lorakit.adapter_rows`).
+Waiting requests are prefilled together (prefill.py: one forward for several prompts, long ones in chunks
+between decode steps), then decoded together with whatever else is running. Rows keep their own keys/values
+inside one left-padded batch cache: an attention mask hides the padding and each row gets its own position
+ids, so a row computes what it would compute alone. Rows may use different adapters (per-row LoRA through
+`lorakit.adapter_rows`); an adapter that must be loaded first is pinned by a helper thread, so its load never
+holds up the running batch.
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ import collections
 import inspect
 import itertools
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..device import model_device
 from ..errors import ConfigError, LorakitError
+from .batch_cache import BatchCache
+from .lock import FairLock
+from .jobs import Event, Job, _Request
+from .prefill import Prefill, take_group
+from .sampling import sample, token_logprob
+from .stats import EngineStats
+from .text import TextStream
 
 
 class QueueFullError(LorakitError, RuntimeError):
@@ -41,56 +49,6 @@ class AdapterSource(Protocol):
         ...
 
 
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass
-class Event:
-    """What a request's callback receives: text as it is produced, then one final event with `finish_reason`."""
-
-    text: str = ""
-    tokens: int = 0  # new completion tokens in this event
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-@dataclass
-class Job:
-    """One generation to run. `pinned`: the adapter's name on the model when the caller already holds a pin
-    on it (acquired from the adapter source; the engine releases it when the job ends)."""
-
-    prompt: list[int]
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    adapter: str | None = None  # name in the adapter source; None runs the base
-    pinned: str | None = None
-
-
-@dataclass
-class _Request:
-    id: int
-    prompt: list[int]
-    adapter: str | None
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    stream: "TextStream"
-    generator: torch.Generator
-    cancelled: bool = False
-    model_adapter: str | None = None  # the adapter's name on the model while this request holds a pin
-    generated: list[int] = field(default_factory=list)
-    reported: int = 0  # generated tokens already counted in an event
-    done: str | None = None  # finish reason, set when the row stops
-    tail: str = ""  # text of the last token, sent with the final event
-
-
 class Handle:
     """A submitted request; `cancel()` drops it from the queue or the running batch at the next step."""
 
@@ -105,162 +63,43 @@ class Handle:
         self._engine._cancel(self._request)
 
 
-# --- text: incremental decoding and stop strings ------------------------------------------------
-
-
-class TextStream:
-    """Turns token ids into text deltas; holds back text that could still become a stop string.
-
-    Only a short window of ids is decoded per token (so a long answer costs the same per token), and
-    the window starts inside the prompt: tokenizers that drop a leading space at the start of a text
-    (SentencePiece) then give the first generated word its space, as the whole text would.
-    """
-
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] = ()):
-        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
-        self.ids: list[int] = list(context)
-        self.prefix_offset, self.read_offset = 0, len(self.ids)  # ids[prefix:read] is decoded text already
-        self.text = ""  # the generated text so far (complete characters only)
-        self.emitted = 0  # characters of `text` already sent
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; return (text to send now, whether a stop string was reached)."""
-        self.ids.append(token)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):  # \ufffd: half of a multi-byte character
-            self.text += after[len(before):]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return self._take(len(self.text)), True
-        safe = len(self.text)
-        for s in self.stop:  # a tail that could start a stop string waits for the next token
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    safe = min(safe, len(self.text) - k)
-                    break
-        return self._take(safe), False
-
-    def flush(self) -> str:
-        """The rest of the text, at the end of the row (a trailing half character included)."""
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        if len(after) > len(before):
-            self.text += after[len(before):]
-            self.prefix_offset = self.read_offset = len(self.ids)
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> str:
-        out = self.text[self.emitted:end]
-        self.emitted = max(self.emitted, end)
-        return out
-
-
-# --- sampling ------------------------------------------------------------------------------------
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a row's logits: greedy at temperature 0, else temperature + nucleus (top_p)."""
-    if params.temperature <= 0:
-        return int(logits.argmax())
-    # Drawn where the request's generator lives (the CPU): a seed gives the same draws whatever the model's device.
-    probs = torch.softmax(logits.float().to(generator.device) / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the most likely token)
-        drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-# --- the batch's key/value cache -----------------------------------------------------------------
-
-
-class BatchCache:
-    """The running rows' keys/values: one transformers cache whose rows are left-padded to a common length,
-    and a mask (rows, T) with 1 for real tokens. Decode steps append to it in place; it is only copied
-    when rows join or leave."""
-
-    def __init__(self):
-        self.cache = None
-        self.mask: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
-    def add(self, row_cache) -> None:
-        """Append one row (the cache of a prefill of batch 1), padding on the left to a common length."""
-        n = row_cache.get_seq_length()
-        row_mask = torch.ones(1, n, dtype=torch.long, device=row_cache.layers[0].keys.device)
-        if self.cache is None:
-            self.cache, self.mask = row_cache, row_mask
-            return
-        T = max(self.length, n)
-        for layer, row in zip(self.cache.layers, row_cache.layers):
-            layer.keys = torch.cat([_pad_left(layer.keys, T), _pad_left(row.keys, T)])
-            layer.values = torch.cat([_pad_left(layer.values, T), _pad_left(row.values, T)])
-        self.mask = torch.cat([F.pad(self.mask, (T - self.length, 0)), F.pad(row_mask, (T - n, 0))])
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only `rows`, then drop leading columns that are padding in every row left."""
-        if not rows:
-            self.cache = self.mask = None
-            return
-        idx = torch.tensor(rows, device=self.mask.device)
-        mask = self.mask[idx]
-        start = int(mask.any(0).int().argmax())
-        self.mask = mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[idx, :, start:], layer.values[idx, :, start:]
-
-    def grow(self) -> torch.Tensor:
-        """The mask for a decode step that appends one real token to every row (the cache appends itself)."""
-        self.mask = F.pad(self.mask, (0, 1), value=1)
-        return self.mask
-
-
-def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
-    return F.pad(t, (0, 0, length - t.shape[-2], 0))
-
-
-def _new_cache():
-    from transformers import DynamicCache
-
-    return DynamicCache()  # DynamicLayers only: full attention (sliding-window layers are not special-cased)
-
-
 # --- the engine ----------------------------------------------------------------------------------
 
 
+# Prefill forwards run between two decode steps at most.
+PREFILLS_PER_STEP = 4
+
+
 class Engine:
-    """Owns the model while running: admits queued requests between decode steps, up to `max_batch` rows."""
+    """Owns the model while running: admits queued requests between decode steps, up to `max_batch` rows.
+    `prefill_tokens`: tokens per prefill forward at most (prompts are grouped up to it; a longer prompt is
+    prefilled in chunks). Small groups give the first of a burst of requests their first token early; measured
+    on CPU, groups of ~4 prompts of 32 tokens already get the whole gain of batching."""
 
     def __init__(self, model: nn.Module, tokenizer, adapters: AdapterSource | None = None,
-                 max_batch: int = 8, max_queue: int = 64, eos_token_ids: set[int] | None = None):
-        if max_batch < 1 or max_queue < 0:
-            raise ConfigError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+                 max_batch: int = 8, max_queue: int = 64, eos_token_ids: set[int] | None = None,
+                 prefill_tokens: int = 128):
+        if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
+            raise ConfigError(f"max_batch and prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
+                              f"{prefill_tokens} and {max_queue}")
         self.model, self.tokenizer, self.adapters = model.eval(), tokenizer, adapters
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.max_context = _max_context(model)
         self.device = model_device(model)  # ids and positions are made here; the model stays where it is
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        # Held for every step; code that changes the model (loading, evicting adapters) takes it too.
-        self.model_lock = threading.RLock()
+        # Held for every step; code that changes the model (loading, evicting adapters) takes it between steps.
+        self.model_lock = FairLock()
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._dropped: list[_Request] = []  # cancelled while waiting
         self._rows: list[_Request] = []
+        self._prefill: Prefill | None = None
         self._cache = BatchCache()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
+        self._pinner = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lorakit-pin")
         self._stopping = False
         self.stats = EngineStats()
 
@@ -303,10 +142,26 @@ class Engine:
                                TextStream(self.tokenizer, job.params.stop, job.prompt[-4:]),
                                torch.Generator().manual_seed(seed),
                                model_adapter=job.pinned)
+                if req.adapter is not None and req.model_adapter is None:
+                    req.pinning = self._pin(req.adapter)
                 self._waiting.append(req)
                 handles.append(Handle(self, req))
             self._cv.notify_all()
         return handles
+
+    def _pin(self, name: str) -> Future:
+        """Acquire `name` on a helper thread (a load reads its files there, outside the model lock)."""
+        if self.adapters is None:
+            future: Future = Future()
+            future.set_exception(ConfigError(f"adapter {name!r} requested, but the engine has no adapter source"))
+            return future
+        future = self._pinner.submit(self.adapters.acquire, name)
+        future.add_done_callback(lambda _: self._wake())
+        return future
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
 
     def _cancel(self, req: _Request) -> None:
         with self._cv:
@@ -328,14 +183,14 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + (len(self._prefill.requests) if self._prefill is not None else 0)
 
     # -- the loop --
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._rows and not self._dropped:
+                while not self._stopping and not self._has_work():
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -346,33 +201,69 @@ class Engine:
                     self._fail_all(f"{type(e).__name__}: {e}")
         self._fail_all("the server is shutting down", reason="cancelled", waiting=True)
 
+    def _has_work(self) -> bool:
+        """Called with _cv held: rows to decode or prefill, finals to send, or a waiting request that can start."""
+        if self._rows or self._prefill is not None or self._dropped:
+            return True
+        return any(r.pinning is None or r.pinning.done() for r in self._waiting)
+
     def _step(self) -> None:
         self._drop_cancelled()
-        while len(self._rows) < self.max_batch:
-            with self._cv:
-                if not self._waiting:
-                    break
-                req = self._waiting.popleft()
-            self._prefill(req)
+        # Prefill forwards first (each emits first tokens at once), a few per step so that a burst of prompts gets
+        # its first tokens quickly while the running rows still get a decode step every PREFILLS_PER_STEP forwards.
+        for _ in range(PREFILLS_PER_STEP):
+            if self._prefill is None:
+                self._prefill = self._next_prefill()
+            if self._prefill is None:
+                break
+            self._prefill_chunk()
         self._drop_finished()
         if self._rows:
             self._decode()
             self._drop_finished()
 
-    def _prefill(self, req: _Request) -> None:
-        """Run the prompt alone (so a row's cache never depends on the batch), then join the batch."""
-        try:
-            if req.adapter is not None and req.model_adapter is None:
-                req.model_adapter = self.adapters.acquire(req.adapter)
-            cache = _new_cache()
-            logits = self._forward(torch.tensor([req.prompt], device=self.device), [req.model_adapter], cache)
-        except Exception as e:  # this request fails (e.g. its adapter no longer loads); the batch goes on
+    def _next_prefill(self) -> Prefill | None:
+        """The waiting requests to prefill together next (oldest first, those whose adapter is pinned)."""
+        room = self.max_batch - len(self._rows)
+        if room <= 0:
+            return None
+        ready, failed = [], []
+        with self._cv:
+            for req in self._waiting:
+                if req.pinning is not None and req.pinning.done():
+                    if req.pinning.exception() is not None:
+                        failed.append(req)
+                        continue
+                    req.model_adapter, req.pinning = req.pinning.result(), None
+                if req.pinning is None:
+                    ready.append(req)
+            group = take_group(ready, room, self.prefill_tokens)
+            for req in failed + group:
+                self._waiting.remove(req)
+        for req in failed:  # this request fails (e.g. its adapter no longer loads); the others go on
+            e = req.pinning.exception()
+            req.pinning = None
             self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+        return Prefill(group, self.prefill_tokens, self.device) if group else None
+
+    def _prefill_chunk(self) -> None:
+        prefill = self._prefill
+        self.stats.prefill_forwards += 1
+        try:
+            logits = prefill.step(self._forward)
+        except Exception as e:  # e.g. an adapter that cannot run per row: these requests fail, the batch goes on
+            self._prefill = None
+            for req in prefill.requests:
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
             return
-        self._cache.add(cache)
-        self._rows.append(req)
-        self.stats.prompt_tokens += len(req.prompt)
-        self._accept(req, logits[0])
+        if logits is None:
+            return
+        self._prefill = None
+        self._cache.add(prefill.cache, prefill.mask)
+        self._rows.extend(prefill.requests)
+        self.stats.record_prefill(len(prefill.requests), prefill.tokens)
+        for i, req in enumerate(prefill.requests):
+            self._accept(req, logits[i])
 
     def _decode(self) -> None:
         rows = self._rows
@@ -396,16 +287,19 @@ class Engine:
         """Sample the row's next token and send its text; set `done` when the row stops."""
         token = sample(logits, req.params, req.generator)
         req.generated.append(token)
+        if req.params.logprobs:
+            req.logprobs.append(token_logprob(logits, token))
         self.stats.completion_tokens += 1
-        if token in self.eos_token_ids:
-            req.done = "stop"
+        if token in self.eos_token_ids and not req.params.ignore_eos:
+            req.done = "eos"
             return
         text, stopped = req.stream.push(token)
         full = len(req.generated) >= req.params.max_tokens or len(req.prompt) + len(req.generated) >= self.max_context
         req.done = "stop" if stopped else ("length" if full else None)
         if req.done is None:
             req.reported = len(req.generated)
-            req.on_event(Event(text=text, tokens=1))
+            req.on_event(Event(text=text, tokens=1, token_ids=[token],
+                               logprobs=req.logprobs[-1:] if req.params.logprobs else None))
         else:
             req.tail = text  # sent by _finish, together with the finish reason
 
@@ -430,17 +324,31 @@ class Engine:
             self._finish(req, req.done)
 
     def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
-        if req.adapter is not None and req.model_adapter is not None:
+        """Send the final event. `reason` "eos" (the end-of-sequence token) is reported as "stop", as OpenAI does;
+        `Event.token_ids` then ends with that token."""
+        self._unpin(req)
+        text = req.tail + req.stream.flush() if reason in ("stop", "length", "eos") else ""
+        start, req.reported = req.reported, len(req.generated)
+        self.stats.record_finish("stop" if reason == "eos" else reason)
+        req.on_event(Event(text=text, tokens=len(req.generated) - start, finish_reason=reason,
+                           prompt_tokens=len(req.prompt), completion_tokens=len(req.generated), error=error,
+                           token_ids=req.generated[start:], logprobs=req.logprobs[start:] if req.params.logprobs else None))
+
+    def _unpin(self, req: _Request) -> None:
+        if req.adapter is None:
+            return
+        if req.model_adapter is not None:
             self.adapters.release(req.adapter)
             req.model_adapter = None
-        text = req.tail + req.stream.flush() if reason in ("stop", "length") else ""
-        tokens, req.reported = len(req.generated) - req.reported, len(req.generated)
-        self.stats.record_finish(reason)
-        req.on_event(Event(text=text, tokens=tokens, finish_reason=reason, prompt_tokens=len(req.prompt),
-                           completion_tokens=len(req.generated), error=error))
+        elif req.pinning is not None:  # still being pinned: give the pin back once it is taken
+            pinning, req.pinning = req.pinning, None
+            pinning.add_done_callback(lambda f: f.exception() is None and self.adapters.release(req.adapter))
 
     def _fail_all(self, message: str, reason: str = "error", waiting: bool = False) -> None:
         rows, self._rows = self._rows, []
+        if self._prefill is not None:
+            rows += self._prefill.requests
+            self._prefill = None
         self._cache = BatchCache()
         if waiting:
             with self._cv:
@@ -449,27 +357,6 @@ class Engine:
                 self._dropped = []
         for req in rows:
             self._finish(req, reason, error=message if reason == "error" else None)
-
-
-@dataclass
-class EngineStats:
-    """Counters for /metrics (read without a lock: each is a plain int written by one thread)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    steps: int = 0
-    batch_rows: int = 0  # summed over steps: batch_rows / steps is the mean batch size
-    max_batch_seen: int = 0
-    rejected: int = 0
-    finished: dict[str, int] = field(default_factory=lambda: collections.Counter())
-
-    def record_step(self, rows: int) -> None:
-        self.steps += 1
-        self.batch_rows += rows
-        self.max_batch_seen = max(self.max_batch_seen, rows)
-
-    def record_finish(self, reason: str) -> None:
-        self.finished[reason] += 1
 
 
 def _max_context(model: nn.Module) -> int:

@@ -3,8 +3,10 @@ LRU cache under a cap on their number and bytes, and pinned by the requests that
 
 Every load goes into a fresh adapter under a new name on the model, published only once complete; a
 pinned adapter is never evicted; the cache lock is held for bookkeeping only, never across a load or an
-eviction, so requests for adapters already loaded never wait for one. Forward passes may run while
-adapters are loaded or evicted (see `lorakit.rows.layer_stack`).
+eviction, so requests for adapters already loaded never wait for one. A load reads and checks its files
+without the model lock, builds the adapter and copies it into free per-row slots (lorakit.rows) without it too;
+only attaching it and publishing its slots (no copy) take the lock. A load costs the adapter's own size however
+many are loaded, and forward passes run meanwhile.
 """
 
 from __future__ import annotations
@@ -32,10 +34,17 @@ from ..errors import (
     LorakitError,
     MergeStateError,
 )
-from ..io import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files, load_adapter
+from ..io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_adapter_files,
+    commit_adapter,
+    discard_adapter,
+    prepare_adapter,
+    read_adapter_tensors,
+)
 from ..layers import layer_type
 from ..matching import base_of, logical_modules
-from ..rows import clear_stacks
 from ..state import adapter_layers
 from ..variants.pissa import is_residual_init
 
@@ -98,6 +107,9 @@ class AdapterStore:
         if self.root is not None and not self.root.is_dir():
             raise AdapterFileNotFoundError(f"adapter root {str(root)!r} is not a directory")
         self.model_lock = model_lock if model_lock is not None else threading.RLock()
+        with self.model_lock:  # the module tree by logical name: what adapter files are checked against, lock-free
+            self._modules = dict(logical_modules(model))
+        self.broken: dict[str, str] = {}  # name -> why it was skipped (register_root)
         self._lock = threading.Lock()  # guards the fields below; never held across a load or an eviction
         self._entries: dict[str, _Entry] = {}
         self._by_model_name: dict[str, _Entry] = {}
@@ -129,6 +141,25 @@ class AdapterStore:
                 raise AdapterExistsError(f"adapter {name!r} is already registered for {self._entries[name].path}")
             self._entries[name] = _Entry(name, resolved, nbytes)
         return True
+
+    def register_root(self, root: str | Path | None = None) -> dict[str, str]:
+        """Register every adapter directory under `root` (default: the store's root) by its relative path, e.g.
+        `team/chat`. Broken ones are skipped and returned (also kept in `self.broken`) as {name: reason}: one
+        bad directory among thousands must not keep the others from serving."""
+        root = Path(root) if root is not None else self.root
+        if root is None:
+            raise ConfigError("register_root() needs a root directory (or a store made with root=...)")
+        broken: dict[str, str] = {}
+        for config in sorted(Path(root).rglob(CONFIG_NAME)):
+            name = config.parent.relative_to(root).as_posix()
+            if name == ".":
+                continue
+            try:
+                self.register(name, config.parent)
+            except (LorakitError, OSError) as e:
+                broken[name] = f"{type(e).__name__}: {e}"
+        self.broken.update(broken)
+        return broken
 
     def unregister(self, name: str) -> None:
         """Forget `name` and remove it from the model. Refused while a request uses it."""
@@ -248,7 +279,7 @@ class AdapterStore:
     def _make_room(self, entry: _Entry) -> list[str]:
         """Evict least recently used, unpinned adapters until `entry` fits; their model names (lock held)."""
         victims = []
-        candidates = iter([e for e in self._lru.values() if e.pins == 0 and e.model_name is not None])
+        candidates = (e for e in list(self._lru.values()) if e.pins == 0 and e.model_name is not None)
         while self._over_cap(len(self._lru) + 1, self._used_bytes + entry.nbytes):
             victim = next(candidates, None)
             if victim is None:
@@ -279,16 +310,23 @@ class AdapterStore:
     def _load(self, entry: _Entry, loading: _Loading) -> None:
         model_name = f"{re.sub(r'[^A-Za-z0-9_-]', '_', entry.name)}@{next(self._ids)}"
         try:
+            # Outside the model lock: running batches go on while the files are read and checked.
             self._resolve(entry.path)  # again: the directory may have become a link out of the root
+            files = self._servable(entry.path)
             # Parameters made under a caller's inference_mode could never be used with autograd again.
-            with self.model_lock, torch.inference_mode(False):
-                if is_merged(self.model):
-                    raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before serving adapters")
-                active = active_adapters(self.model)
-                load_adapter(self.model, entry.path, adapter=model_name, activate=False)
-                if active_adapters(self.model) != active:  # loading never changes what a plain forward runs
-                    set_active(self.model, active)
-                nbytes = _adapter_bytes(self.model, model_name)
+            with torch.inference_mode(False):
+                # Built, filled and copied into free slots off the model; only attaching and publishing take the lock.
+                prepared = prepare_adapter(self.model, files, read_adapter_tensors(entry.path), model_name,
+                                           slot_capacity=self.max_loaded)
+                with self.model_lock:
+                    if is_merged(self.model):
+                        discard_adapter(prepared)
+                        raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before serving adapters")
+                    active = active_adapters(self.model)
+                    commit_adapter(self.model, prepared, activate=False)
+                    if active_adapters(self.model) != active:  # loading never changes what a plain forward runs
+                        set_active(self.model, active)
+            nbytes = _adapter_bytes(self.model, model_name)
         except BaseException as e:
             with self._lock:
                 self._lru.pop(entry.name, None)
@@ -311,8 +349,7 @@ class AdapterStore:
             return
         with self.model_lock:
             for model_name in model_names:
-                delete_adapter(self.model, model_name)
-            clear_stacks(self.model)  # the stacked copies of evicted adapters would otherwise stay in memory
+                delete_adapter(self.model, model_name)  # frees its per-row slots for the next load
 
     # -- checks --
 
@@ -332,9 +369,14 @@ class AdapterStore:
 
     def _check_adapter(self, path: Path) -> int:
         """Refuse what is not an adapter servable on this base, with the reason; return its bytes once loaded."""
-        with self.model_lock:  # a snapshot of the module tree; the file checks run outside the lock
-            modules = dict(logical_modules(self.model))
-        files = check_adapter_files(path, modules=modules)
+        files = self._servable(path)
+        if self.max_bytes is not None and files.nbytes > self.max_bytes:
+            raise StoreFullError(f"adapter {str(path)!r} needs {files.nbytes:,} bytes, more than the store's max_bytes={self.max_bytes:,}")
+        return files.nbytes
+
+    def _servable(self, path: Path):
+        """The checked files of a pure LoRA adapter on per-row layers (checked against the module snapshot, no lock)."""
+        files = check_adapter_files(path, modules=self._modules)
         config = files.config
         if is_residual_init(getattr(config, "init", "")):
             raise IncompatibleAdapterError(
@@ -349,13 +391,11 @@ class AdapterStore:
                 "only pure LoRA adapters can be served side by side (merge this one into its own model instead)"
             )
         for module in files.modules:
-            ltype = layer_type(base_of(modules[module]))
+            ltype = layer_type(base_of(self._modules[module]))
             if not ltype.per_row:
                 raise IncompatibleAdapterError(f"adapter {str(path)!r} adapts {module!r}, a {ltype.name} layer; "
                                                "per-row serving supports Linear, GPT-2 Conv1D and Embedding layers")
-        if self.max_bytes is not None and files.nbytes > self.max_bytes:
-            raise StoreFullError(f"adapter {str(path)!r} needs {files.nbytes:,} bytes, more than the store's max_bytes={self.max_bytes:,}")
-        return files.nbytes
+        return files
 
 
 def _adapter_bytes(model: nn.Module, adapter: str) -> int:

@@ -1,0 +1,312 @@
+"""`lorakit check`: can a given engine (vLLM, LoRAX, PEFT, lorakit) serve this adapter, and if not, why not; with a
+servable copy written where a conversion exists. Conversions live in a small registry (`CONVERSIONS`) that other
+modules plug into (AdaLoRA → LoRA, PiSSA → plain LoRA); rank padding is defined here.
+
+Only the config and the weights' header are read to check; a conversion reads the tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PEFT_LORA_KEYS, PEFT_MATH_KEYS
+from .errors import ConfigError, LorakitError
+from .files import atomic_write, atomic_write_json
+from .io import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    _read_config_json,
+    canonical_key,
+    read_adapter_config,
+    read_adapter_tensors,
+    read_tensor_header,
+    split_factor_key,
+)
+
+ENGINES = ("vllm", "lorax", "peft", "lorakit")
+# vLLM's --max-lora-rank accepts these; an adapter of rank r needs a server started with a choice >= r.
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# Modules the engines can put LoRA on in the common decoder families (their per-architecture tables agree on
+# these); the embedding and the head are the only modules they take trained copies of.
+SERVED_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                  "gate_up_proj", "dense", "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj",
+                  "c_fc", "fc1", "fc2", "out_proj", "wqkv", "wo", "w1", "w2", "w3", "embed_tokens", "lm_head"}
+EMBEDDINGS_AND_HEAD = {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings"}
+
+
+@dataclass
+class Adapter:
+    """What a check needs to know about an adapter directory, from its config and its weights' header."""
+
+    path: Path
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]  # canonical tensor key -> shape
+    ranks: dict[str, int] = field(default_factory=dict)  # module -> rank (from lora_A's shape)
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "LORA")).upper()
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks.values(), default=int(self.config.get("r", 0) or 0))
+
+    def leaves(self) -> set[str]:
+        return {m.rsplit(".", 1)[-1] for m in self.ranks}
+
+
+@dataclass
+class Problem:
+    what: str  # why the engine cannot serve it, in a sentence
+    fix: str | None = None  # the name of the conversion (CONVERSIONS) that removes it, or None when none exists
+
+
+@dataclass
+class Conversion:
+    """A rewrite of an adapter into a servable one: `convert(adapter, out_dir, engine)` writes PEFT-format files."""
+
+    name: str
+    describe: str
+    convert: Callable[[Adapter, Path, str], None]
+
+
+CONVERSIONS: dict[str, Conversion] = {}
+
+
+def register_conversion(conversion: Conversion) -> None:
+    """Plug a conversion in (e.g. `lorakit.adalora_to_lora` registers "adalora-to-lora"); problems name it by `fix`."""
+    CONVERSIONS[conversion.name] = conversion
+
+
+# Problems a conversion from another module would fix, by peft_type or init: (message, conversion name).
+TYPE_FIXES = {"ADALORA": ("an AdaLoRA adapter (SVD-form factors with a learned rank budget)", "adalora-to-lora")}
+INIT_FIXES = {"pissa": ("a PiSSA adapter (trained on a base whose principal components were taken out)", "pissa-to-lora")}
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+def read(path: str | os.PathLike) -> Adapter:
+    """The config and header of an adapter directory (errors name the file and what is wrong)."""
+    path = Path(path)
+    config = _read_config_json(path)
+    shapes = {}
+    for key, (shape, _) in read_tensor_header(path).items():
+        canonical = canonical_key(key)
+        if canonical is not None:
+            shapes[canonical] = shape
+    adapter = Adapter(path, config, shapes)
+    for key, shape in shapes.items():
+        factor = split_factor_key(key)
+        if factor is not None and factor[1] in ("lora_A", "lora_embedding_A") and shape:
+            adapter.ranks[factor[0]] = shape[0]
+    return adapter
+
+
+def adapter_dirs(root: str | os.PathLike) -> list[Path]:
+    """`root` itself when it is an adapter directory, else every adapter directory under it (a registry root)."""
+    root = Path(root)
+    if (root / CONFIG_NAME).exists() or not root.is_dir():
+        return [root]
+    return sorted(p.parent for p in root.rglob(CONFIG_NAME))
+
+
+# --- the checks ---------------------------------------------------------------------------------------
+
+
+def problems(adapter: Adapter, engine: str) -> list[Problem]:
+    """Why `engine` cannot serve `adapter` (empty: it can)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"--for takes one of {', '.join(ENGINES)}, got {engine!r}")
+    return {"vllm": _vllm, "lorax": _lorax, "peft": _peft, "lorakit": _lorakit}[engine](adapter)
+
+
+def _common(adapter: Adapter, engine: str) -> list[Problem]:
+    """What vLLM and LoRAX (multi-adapter servers with one LoRA kernel) both refuse."""
+    c, found = adapter.config, []
+    if adapter.peft_type in TYPE_FIXES:
+        what, fix = TYPE_FIXES[adapter.peft_type]
+        found.append(Problem(f"it is {what}; {engine} serves plain LoRA", fix))
+        return found
+    if adapter.peft_type != "LORA":
+        return [Problem(f"peft_type is {adapter.peft_type}; {engine} serves LoRA adapters only")]
+    init = c.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().split("_")[0] in INIT_FIXES:
+        what, fix = INIT_FIXES[init.lower().split("_")[0]]
+        found.append(Problem(f"it is {what}; it needs that changed base, which {engine} does not have", fix))
+    if c.get("use_dora"):
+        found.append(Problem(f"it uses DoRA (use_dora=true), which {engine} does not support; DoRA's magnitude cannot "
+                             "be folded into plain LoRA factors (merge it into the base instead)"))
+    if (c.get("bias") or "none") != "none" or c.get("lora_bias"):
+        found.append(Problem(f"it trains biases (bias={c.get('bias')!r}, lora_bias={c.get('lora_bias', False)}), which "
+                             f"{engine} does not load"))
+    saved = [m for m in (c.get("modules_to_save") or []) if m.rsplit(".", 1)[-1] not in EMBEDDINGS_AND_HEAD]
+    if saved:
+        found.append(Problem(f"it trains full copies of {saved} (modules_to_save); {engine} takes trained copies of "
+                             "the embedding and the head only"))
+    for key, value in c.items():
+        if key in PEFT_MATH_KEYS and value not in (None, False, [], {}, 0):
+            found.append(Problem(f"it sets {key}={value!r} ({PEFT_MATH_KEYS[key]}), which {engine} does not support"))
+    odd = sorted(adapter.leaves() - SERVED_MODULES)
+    if odd:
+        found.append(Problem(f"it adapts modules {odd}, which {engine} does not put LoRA on in the architectures it "
+                             "supports (check its model's supported LoRA modules)"))
+    if c.get("rank_pattern") or c.get("alpha_pattern") or len(set(adapter.ranks.values())) > 1:
+        found.append(Problem(f"its layers have different ranks or scales (rank_pattern={c.get('rank_pattern') or {}}, "
+                             f"alpha_pattern={c.get('alpha_pattern') or {}}); {engine} applies one rank and one "
+                             "scale α/r to every layer", "rank-padding"))
+    return found
+
+
+def _vllm(adapter: Adapter) -> list[Problem]:
+    found = _common(adapter, "vLLM")
+    if adapter.max_rank > VLLM_RANKS[-1]:
+        found.append(Problem(f"its rank {adapter.max_rank} is above vLLM's largest --max-lora-rank, {VLLM_RANKS[-1]}"))
+    return found
+
+
+def _lorax(adapter: Adapter) -> list[Problem]:
+    return _common(adapter, "LoRAX")
+
+
+def _peft(adapter: Adapter) -> list[Problem]:
+    found = []
+    unknown = sorted(k for k in adapter.config if k not in PEFT_LORA_KEYS and k not in PEFT_MATH_KEYS)
+    if adapter.peft_type == "LORA" and unknown:
+        found.append(Problem(f"its config has keys PEFT's LoraConfig does not take: {unknown}", "canonical-files"))
+    with safe_open(str(adapter.path / WEIGHTS_NAME), framework="pt") as f:
+        keys = list(f.keys())
+    spelled = [k for k in keys if not k.startswith(PREFIX) or canonical_key(k) != k[len(PREFIX):]
+               or _plain(k) != k]
+    if spelled:
+        found.append(Problem(f"{len(spelled)} tensor keys are not spelled as PEFT writes them (e.g. {spelled[0]!r})",
+                             "canonical-files"))
+    return found
+
+
+def _lorakit(adapter: Adapter) -> list[Problem]:
+    try:
+        read_adapter_config(adapter.path)
+    except LorakitError as e:
+        return [Problem(str(e))]
+    return []
+
+
+def servable_rank(adapter: Adapter) -> int | None:
+    """The smallest vLLM --max-lora-rank that fits the adapter."""
+    return next((r for r in VLLM_RANKS if r >= adapter.max_rank), None)
+
+
+# --- conversions defined here ---------------------------------------------------------------------
+
+
+def _factor_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, value in tensors.items():
+        canonical = canonical_key(key)
+        factor = split_factor_key(canonical) if canonical is not None else None
+        if factor is not None:
+            pairs.setdefault(factor[0], {})[factor[1]] = (canonical, value)
+    return pairs
+
+
+def pad_ranks(adapter: Adapter, out: Path, engine: str) -> None:
+    """Every layer to one rank R (the largest), each layer's scale folded into its B, one scale 1 = α/R for all:
+    `s_i·B_i·A_i = (s_i·B_i ⊕ 0)·(A_i ⊕ 0)` exactly, so the adapter computes the same on any engine."""
+    config = read_adapter_config(adapter.path)
+    R = max(adapter.ranks.values())
+    tensors = {}
+    for module, parts in _factor_pairs(read_adapter_tensors(adapter.path)).items():
+        (key_A, A), (key_B, B) = (parts[t] for t in sorted(parts))  # "lora_A" < "lora_B" (also for embeddings)
+        r, scale = A.shape[0], config.scale_for(module)
+        A2 = torch.zeros(R, *A.shape[1:], dtype=A.dtype)
+        B2 = torch.zeros(B.shape[0], R, *B.shape[2:], dtype=B.dtype)
+        A2[:r] = A
+        B2[:, :r] = (B.double() * scale).to(B.dtype)
+        tensors[PREFIX + _plain(key_A)], tensors[PREFIX + _plain(key_B)] = A2, B2
+    peft = _read_config_json(adapter.path)
+    peft.update(r=R, lora_alpha=R, rank_pattern={}, alpha_pattern={}, use_rslora=False)
+    _write(out, tensors, peft)
+
+
+def canonical_files(adapter: Adapter, out: Path, engine: str) -> None:
+    """The same tensors under PEFT's key spellings, and a config with only the keys PEFT's LoraConfig takes."""
+    tensors = {}
+    for key, value in read_adapter_tensors(adapter.path).items():
+        canonical = canonical_key(key)
+        if canonical is not None:
+            tensors[PREFIX + _plain(canonical)] = value
+    peft = {k: v for k, v in _read_config_json(adapter.path).items() if k in PEFT_LORA_KEYS or k in PEFT_MATH_KEYS}
+    _write(out, tensors, peft)
+
+
+def _plain(key: str) -> str:
+    """A factor key without an adapter name inside (`lora_A.default.weight` → `lora_A.weight`)."""
+    factor = split_factor_key(key)
+    if factor is None:
+        return key
+    module, token = factor
+    return f"{module}.{token}" + ("" if token.startswith("lora_embedding") else ".weight")
+
+
+def _write(out: Path, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_json(out / CONFIG_NAME, peft)
+
+
+register_conversion(Conversion("rank-padding", "pad every layer to one rank, each layer's scale folded into B", pad_ranks))
+register_conversion(Conversion("canonical-files", "PEFT's key spellings and config keys", canonical_files))
+
+
+# --- the command's work -------------------------------------------------------------------------------
+
+
+def check(path: str | os.PathLike, engine: str) -> tuple[Adapter | None, list[Problem]]:
+    """(the adapter, its problems for `engine`); a directory that cannot be read is one problem saying why."""
+    try:
+        adapter = read(path)
+    except LorakitError as e:
+        return None, [Problem(str(e))]
+    return adapter, problems(adapter, engine)
+
+
+def fix(adapter: Adapter, found: list[Problem], engine: str, out: str | os.PathLike) -> list[str]:
+    """Write a servable copy to `out` by applying each problem's conversion in turn; the conversions applied.
+    Raises ConfigError naming the problems that no conversion removes (nothing is written then)."""
+    unfixable = [p.what for p in found if p.fix is None]
+    missing = sorted({p.fix for p in found if p.fix is not None and p.fix not in CONVERSIONS})
+    if unfixable or missing:
+        why = unfixable + [f"the {m} conversion is not available in this lorakit" for m in missing]
+        raise ConfigError(f"no servable copy of {str(adapter.path)!r} for {engine} can be written: " + "; ".join(why))
+    applied, current, out = [], adapter, Path(out)
+    for name in dict.fromkeys(p.fix for p in found):
+        CONVERSIONS[name].convert(current, out, engine)
+        applied.append(name)
+        current = read(out)
+    for name in dict.fromkeys(p.fix for p in problems(current, engine) if p.fix is not None):
+        if name not in applied:  # e.g. AdaLoRA → LoRA leaves a rank_pattern for rank padding
+            CONVERSIONS[name].convert(current, out, engine)
+            applied.append(name)
+            current = read(out)
+    return applied
+
+
+def report(path: Path, adapter: Adapter | None, found: list[Problem], engine: str) -> str:
+    if not found:
+        hint = f" (start vLLM with --max-lora-rank {servable_rank(adapter)} or more)" if engine == "vllm" else ""
+        return f"ok: {path} can be served by {engine}{hint}"
+    lines = [f"no: {path} cannot be served by {engine}:"]
+    for p in found:
+        lines.append(f"  - {p.what}" + (f" [fix: --fix applies {p.fix}]" if p.fix else " [no conversion exists]"))
+    return "\n".join(lines)
+

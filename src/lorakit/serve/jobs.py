@@ -1,0 +1,57 @@
+"""What a generation request is: the job a caller submits, the events it receives, and the engine's record of it."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .sampling import SamplingParams
+from .text import TextStream
+
+
+@dataclass
+class Event:
+    """What a request's callback receives: text as it is produced, then one final event with `finish_reason`."""
+
+    text: str = ""
+    tokens: int = 0  # new completion tokens in this event
+    finish_reason: str | None = None  # "stop" (a stop string), "eos", "length", "cancelled" or "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # the tokens this event reports (its `tokens` of them)
+    logprobs: list[float] | None = None  # theirs, when the request asked (SamplingParams.logprobs)
+
+
+@dataclass
+class Job:
+    """One generation to run. `pinned`: the adapter's name on the model when the caller already holds a pin
+    on it (acquired from the adapter source; the engine releases it when the job ends)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    adapter: str | None = None  # name in the adapter source; None runs the base
+    pinned: str | None = None
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    stream: TextStream
+    generator: torch.Generator
+    cancelled: bool = False
+    model_adapter: str | None = None  # the adapter's name on the model while this request holds a pin
+    pinning: Future | None = None  # the pin a helper thread is taking (loading the adapter if needed)
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    reported: int = 0  # generated tokens already counted in an event
+    done: str | None = None  # finish reason, set when the row stops
+    tail: str = ""  # text of the last token, sent with the final event

@@ -1,0 +1,149 @@
+"""`lorakit check`: which engines can serve an adapter and why not; --fix writes a copy that computes the same
+(rank padding checked against lorakit and PEFT); the conversion registry; a registry root with broken entries."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.check import CONVERSIONS, Conversion, check, fix, read, register_conversion
+from lorakit.cli import main
+from lorakit.errors import ConfigError
+
+from .conftest import load, randomise_lora
+
+
+def saved(llama_dir, path, config):
+    model = load(llama_dir)
+    lorakit.inject(model, config)
+    randomise_lora(model, std=0.2, seed=1)
+    lorakit.save_adapter(model, path)
+    return path
+
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    return path
+
+
+def test_a_plain_adapter_is_servable_everywhere(llama_dir, tmp_path, capsys):
+    path = saved(llama_dir, tmp_path / "a", LoraConfig(r=12, target_modules="all-linear"))
+    for engine in ("vllm", "lorax", "peft", "lorakit"):
+        assert check(path, engine)[1] == []
+        assert main(["check", str(path), "--for", engine]) == 0
+    assert "--max-lora-rank 16" in capsys.readouterr().out  # the smallest of vLLM's choices that fits r=12
+
+
+def test_rank_padding_makes_per_layer_ranks_and_scales_servable(llama_dir, tmp_path, capsys):
+    from peft import PeftModel
+
+    path = saved(llama_dir, tmp_path / "a", LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                      rank_pattern={"v_proj": 4}, alpha_pattern={"up_proj": 3}))
+    _, found = check(path, "vllm")
+    assert [p.fix for p in found] == ["rank-padding"] and "one scale" in found[0].what
+    assert main(["check", str(path), "--for", "vllm", "--fix", "--out", str(tmp_path / "fixed")]) == 0
+    assert "rank-padding" in capsys.readouterr().out
+    fixed = read(tmp_path / "fixed")
+    assert check(tmp_path / "fixed", "vllm")[1] == [] and set(fixed.ranks.values()) == {8}
+    assert (fixed.config["r"], fixed.config["lora_alpha"], fixed.config["rank_pattern"]) == (8, 8, {})
+    x = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = lorakit.load_adapter(load(llama_dir), path)(x).logits
+        after = lorakit.load_adapter(load(llama_dir), tmp_path / "fixed")(x).logits
+        peft_after = PeftModel.from_pretrained(load(llama_dir), tmp_path / "fixed").eval()(x).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(peft_after, before, atol=1e-5, rtol=0)  # one global scale, as vLLM reads it
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "all"}, "biases"),
+    ({"modules_to_save": ["score", "lm_head"]}, "['score']"),
+    ({"layer_replication": [[0, 2]]}, "layer_replication"),
+])
+def test_what_no_conversion_can_fix_is_said(llama_dir, tmp_path, capsys, change, reason):
+    path = edit_config(saved(llama_dir, tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"])), **change)
+    for engine in ("vllm", "lorax"):
+        adapter, found = check(path, engine)
+        assert any(reason in p.what and p.fix is None for p in found)
+        with pytest.raises(ConfigError, match="no servable copy"):
+            fix(adapter, found, engine, tmp_path / "out")
+    assert main(["check", str(path), "--for", "vllm"]) == 1
+    assert "[no conversion exists]" in capsys.readouterr().out
+    assert main(["check", str(path), "--for", "vllm", "--fix", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_rank_above_vllms_largest_choice(llama_dir, tmp_path):
+    path = saved(llama_dir, tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"]))
+    tensors = {k: (torch.zeros(600, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 600))
+               for k, v in load_file(path / "adapter_model.safetensors").items()}
+    save_file(tensors, path / "adapter_model.safetensors")
+    assert any("above vLLM's largest" in p.what for p in check(edit_config(path, r=600), "vllm")[1])
+    assert check(path, "lorax")[1] == []
+
+
+def test_conversions_plug_into_the_registry(llama_dir, tmp_path):
+    """An AdaLoRA adapter names the conversion another module provides; once registered, --fix runs it and
+    then pads the ranks it leaves."""
+    path = edit_config(saved(llama_dir, tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj", "v_proj"])),
+                       peft_type="ADALORA")
+    adapter, found = check(path, "vllm")
+    assert [p.fix for p in found] == ["adalora-to-lora"]
+    with pytest.raises(ConfigError, match="adalora-to-lora conversion is not available"):
+        fix(adapter, found, "vllm", tmp_path / "out")
+
+    def fake_adalora_to_lora(adapter, out, engine):  # stands in for lorakit.adalora_to_lora: LoRA + a rank_pattern
+        shutil.copytree(adapter.path, out, dirs_exist_ok=True)
+        edit_config(out, peft_type="LORA", rank_pattern={"v_proj": 2})
+        tensors = load_file(out / "adapter_model.safetensors")
+        for k in list(tensors):
+            if "v_proj" in k:
+                tensors[k] = (tensors[k][:2] if "lora_A" in k else tensors[k][:, :2]).contiguous()
+        save_file(tensors, out / "adapter_model.safetensors")
+
+    register_conversion(Conversion("adalora-to-lora", "test stand-in", fake_adalora_to_lora))
+    try:
+        assert fix(adapter, found, "vllm", tmp_path / "out") == ["adalora-to-lora", "rank-padding"]
+    finally:
+        del CONVERSIONS["adalora-to-lora"]
+    assert check(tmp_path / "out", "vllm")[1] == []
+
+
+@pytest.mark.filterwarnings("ignore:adapter_config.json has a key")
+def test_foreign_key_spellings_are_rewritten_for_peft(llama_dir, tmp_path):
+    from peft import PeftModel
+
+    path = saved(llama_dir, tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"]))
+    tensors = {k.removeprefix("base_model.model.").replace(".weight", ".default.weight"): v
+               for k, v in load_file(path / "adapter_model.safetensors").items()}
+    save_file(tensors, path / "adapter_model.safetensors")
+    edit_config(path, a_key_from_elsewhere=1)
+    adapter, found = check(path, "peft")
+    assert {p.fix for p in found} == {"canonical-files"} and len(found) == 2
+    fix(adapter, found, "peft", tmp_path / "out")
+    assert check(tmp_path / "out", "peft")[1] == []
+    x = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        ours = lorakit.load_adapter(load(llama_dir), path)(x).logits
+        theirs = PeftModel.from_pretrained(load(llama_dir), tmp_path / "out").eval()(x).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_a_registry_root_lists_its_broken_entries(llama_dir, tmp_path, capsys):
+    root = tmp_path / "root"
+    for name in ("team/a", "team/b", "c"):
+        saved(llama_dir, root / name, LoraConfig(r=2, target_modules=["q_proj"]))
+    (root / "junk").mkdir()
+    (root / "junk" / "adapter_config.json").write_text("{not json")
+    saved(llama_dir, root / "no-weights", LoraConfig(r=2, target_modules=["q_proj"]))
+    (root / "no-weights" / "adapter_model.safetensors").unlink()
+    assert main(["check", str(root), "--for", "lorakit"]) == 1
+    out = capsys.readouterr().out
+    assert "3 of 5 adapters can be served by lorakit" in out
+    assert "junk" in out and "not valid JSON" in out and "adapter_model.safetensors is missing" in out
