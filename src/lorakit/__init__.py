@@ -20,9 +20,11 @@ from .errors import (
     IncompatibleAdapterError,
     LorakitError,
     MergeStateError,
+    MissingDependencyError,
     ShapeMismatchError,
     TargetModulesNotFoundError,
 )
+from .hf import load_base_model
 from .inject import inject, trainable_parameters
 from .io import check_adapter_files, load_adapter, read_adapter_config, save_adapter
 from .layers import LoraLayer
@@ -35,7 +37,8 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
     "set_active", "set_trainable", "adapter_rows", "check_adapter_files", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
-    "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
+    "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters", "load_base_model",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
+    "MissingDependencyError",
 ]

@@ -20,7 +20,7 @@ def _inspect(args) -> int:
 def _merge(args) -> int:
     from .merge_cli import merge_to_directory
 
-    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype)
+    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype, quantize=args.quantize)
     print(f"merged model written to {args.out}")
     return 0
 
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory for the merged model")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="dtype to load and save in")
+    p.add_argument("--quantize", choices=["nf4", "int8"], help="the base the adapter was trained on (QLoRA): merged "
+                   "into its dequantised weights, saved in full precision")
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("demo", help="inject, train, save, reload and merge on a tiny built-in model")

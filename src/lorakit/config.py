@@ -11,7 +11,7 @@ from .errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "lora_only", "all")
-INIT_MODES = ("kaiming", "gaussian")
+INIT_MODES = ("kaiming", "gaussian", "loftq")  # loftq: fitted to a quantised base's rounding error (quant/loftq.py)
 
 # Used when target_modules is None: the attention projections PEFT also picks for these families.
 DEFAULT_TARGETS = {
@@ -47,6 +47,7 @@ class LoraConfig:
     rslora: bool = False
     bias: str = "none"
     init: str = "kaiming"
+    loftq_iter: int = 1  # init="loftq": alternations of quantising the base and fitting B·A (1 keeps the base as loaded)
     task_type: str | None = None
     base_model_name_or_path: str | None = None
 
@@ -62,6 +63,7 @@ class LoraConfig:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INIT_MODES:
             raise ConfigError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        _check_positive_int("loftq_iter", self.loftq_iter)
         self.target_modules = _normalise_names("target_modules", self.target_modules)
         self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
         if isinstance(self.target_modules, list) and not self.target_modules:
@@ -114,7 +116,8 @@ class LoraConfig:
             "use_dora": False,
             "bias": self.bias,
             "fan_in_fan_out": False,
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            # A saved LoftQ adapter holds trained factors: PEFT must load them, not run LoftQ again (its convention).
+            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
             "inference_mode": True,
             "revision": None,
         }

@@ -42,3 +42,7 @@ class ShapeMismatchError(IncompatibleAdapterError):
 
 class MergeStateError(LorakitError, RuntimeError):
     """An operation that needs merged (or unmerged) weights was called in the other state."""
+
+
+class MissingDependencyError(LorakitError, ModuleNotFoundError):
+    """An optional package a feature needs (bitsandbytes for quantised bases) is not installed."""

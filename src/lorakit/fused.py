@@ -3,6 +3,8 @@ hand-written backward for the frozen weight, and the rule that folds `scale·B·
 
 Kept apart from layers.py because it is an optimisation: layers.py states the math, this file makes it fast.
 Variants whose update is low-rank (VeRA, AdaLoRA) reuse it by passing their effective factors as A and B.
+A quantised base (quant/) passes its weight as a function that dequantises it: called in forward and again in
+backward, so no layer keeps a full-precision copy of its weight between the two (that would undo the quantisation).
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ def _fold_is_cheaper(rows: int, cols: int, weight: torch.Tensor, r: int) -> bool
     return weight.dtype in (torch.float32, torch.float64) and rows * cols * r > weight.numel() * (r + _FOLD_PASSES)
 
 
-def _folded_weight(weight, lora_A, lora_B, scale, transposed):
+def _folded_weight(weight, lora_A, lora_B, scale, transposed, owned=False):
     """`weight + scale·B·A` in the base weight's own layout, so using it is the base layer's own op.
 
     With B = 0 this is the base weight bit for bit (adding exact zeros), so the output stays bit-exact.
+    An `owned` weight (a dequantised temporary) is folded in place: no second weight-sized tensor.
     """
-    if transposed:  # Conv1D stores (in, out)
-        return torch.addmm(weight, lora_A.T, lora_B.T, alpha=scale)
-    return torch.addmm(weight, lora_B, lora_A, alpha=scale)
+    a, b = (lora_A.T, lora_B.T) if transposed else (lora_B, lora_A)  # Conv1D stores (in, out)
+    return weight.addmm_(a, b, alpha=scale) if owned else torch.addmm(weight, a, b, alpha=scale)
 
 
 def _base_op(x2, weight, bias, transposed):
@@ -44,14 +46,20 @@ def _base_op(x2, weight, bias, transposed):
     return torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
 
 
+def _materialise(weight):
+    """(the weight tensor, whether it is a temporary of ours): a quantised base passes a function that dequantises."""
+    return (weight(), True) if callable(weight) else (weight, False)
+
+
 def _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t):
     """`base(x2) + scale·(x2 Aᵀ) Bᵀ` on 2-D rows; returns it and `t = x2 Aᵀ` (computed only if `keep_t`)."""
+    weight, owned = _materialise(weight)
     rows, in_f = x2.shape
     out_f = weight.numel() // in_f
     t = x2 @ lora_A.T if keep_t else None  # backward needs t for dB; inference does not
     # Row-wise, the LoRA term costs an (rows, out) product, plus (rows, in) for t when t is not kept anyway.
     if _fold_is_cheaper(rows, out_f if keep_t else in_f + out_f, weight, lora_A.shape[0]):
-        return _base_op(x2, _folded_weight(weight, lora_A, lora_B, scale, transposed), bias, transposed), t
+        return _base_op(x2, _folded_weight(weight, lora_A, lora_B, scale, transposed, owned), bias, transposed), t
     y = _base_op(x2, weight, bias, transposed)
     # addmm_ adds the low-rank term into y in place: no second output-sized tensor, no separate scaling pass.
     y.addmm_(t if t is not None else x2 @ lora_A.T, lora_B.T, alpha=scale)
@@ -71,7 +79,9 @@ class _LoraLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         y, t = _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t=True)
         # x is needed for dA; t (rows × r, r/in of x's size) is kept so backward need not recompute x·Aᵀ.
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, t)
+        # A weight given as a function is not kept: backward materialises it again.
+        ctx.weight_fn = weight if callable(weight) else None
+        ctx.save_for_backward(x2, None if callable(weight) else weight, lora_A, lora_B, t)
         ctx.scale, ctx.transposed, ctx.has_bias = scale, transposed, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -81,6 +91,9 @@ class _LoraLinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         rows, in_f = x2.shape
         need_dx, need_dA = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        owned = False
+        if need_dx and ctx.weight_fn is not None:
+            weight, owned = _materialise(ctx.weight_fn)
         # dx = dy·(W + scale·B·A): fold the weight for long batches, else add g·A (rows·in·r) into dy·W.
         fold_dx = need_dx and _fold_is_cheaper(rows, in_f, weight, lora_A.shape[0])
         g = None
@@ -88,7 +101,7 @@ class _LoraLinearFn(torch.autograd.Function):
             g = (dy2 @ lora_B).mul_(ctx.scale)  # gradient at the rank-r bottleneck
         dx = d_bias = dA = dB = None
         if need_dx:
-            w = _folded_weight(weight, lora_A, lora_B, ctx.scale, ctx.transposed) if fold_dx else weight
+            w = _folded_weight(weight, lora_A, lora_B, ctx.scale, ctx.transposed, owned) if fold_dx else weight
             dx = dy2 @ (w.T if ctx.transposed else w)
             if not fold_dx:
                 dx.addmm_(g, lora_A)

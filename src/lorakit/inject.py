@@ -11,6 +11,8 @@ from .config import LoraConfig
 from .errors import AdapterExistsError, ConfigError
 from .layers import LoraLayer, layer_type
 from .matching import default_targets, match_modules_to_save, match_targets
+from .quant import logical_numel
+from .quant.loftq import loftq_initialise
 from .state import ModulesToSave, get_state, replace_module
 from .variants import adapter_class
 
@@ -51,6 +53,8 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "d
     shared = cls.prepare(config, model, bases)
     # Every adapter object is built before the model is touched, so a refused layer leaves the model as it was.
     built = [(name, cls.create(config, base, layer_type(base), name, shared)) for name, base in bases]
+    if getattr(config, "init", None) == "loftq":  # factors fitted to the quantisation error; may re-quantise the bases (loftq_iter > 1)
+        loftq_initialise(model, [(name, base, a) for (name, base), (_, a) in zip(bases, built)], config)
     for name, adapter_object in built:
         _wrap(model, name).add_adapter(adapter, adapter=adapter_object)
     for name in match_modules_to_save(model, config):
@@ -73,7 +77,7 @@ def trainable_parameters(model: nn.Module, verbose: bool = True) -> TrainableCou
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)  # two 4-bit values per stored byte
+        n = logical_numel(p)  # a 4-bit weight packs several values into each stored element
         total += n
         trainable += n if p.requires_grad else 0
     count = TrainableCount(trainable, total)

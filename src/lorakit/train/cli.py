@@ -33,16 +33,23 @@ def add_parser(sub) -> None:
     p.add_argument("--targets", nargs="+", help="module names, a regex, or all-linear (default: per model family)")
     p.add_argument("--layers", type=int, nargs="+", dest="layers_to_transform", help="only these block indices")
     p.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
+    p.add_argument("--quantize", choices=["nf4", "int8"], help="QLoRA: load the base in 4-bit NF4 (double quantisation) "
+                   "or 8-bit through bitsandbytes; turns gradient checkpointing on")
+    p.add_argument("--init", choices=["kaiming", "gaussian", "loftq"], help="adapter initialisation; loftq fits it to "
+                   "the quantised base's rounding error (needs --quantize)")
     p.add_argument("--batch-size", type=int, help=f"rows per micro-batch per process (default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr:g})")
+    p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], help="optimizer (8-bit ones: "
+                   "bitsandbytes; paged needs CUDA, else it falls back to adamw8bit)")
     p.add_argument("--lora-plus-ratio", type=float, help="LoRA+: learning rate of B = lr x ratio (e.g. 16)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"])
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16"])
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (default: on with --quantize)")
     p.add_argument("--max-length", type=int)
     p.add_argument("--packing", action="store_true", default=None, help="pack text rows into max-length blocks")
     p.add_argument("--eval-fraction", type=float)

@@ -13,11 +13,15 @@ from ..errors import ConfigError
 TASKS = ("causal-lm", "classify")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
+QUANTIZE = ("nf4", "int8")  # a 4-bit NF4 (QLoRA) or 8-bit LLM.int8 base, through bitsandbytes
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")  # the 8-bit ones are bitsandbytes' (train/optimizers.py)
+INITS = ("kaiming", "gaussian", "loftq")
 # What trains: "lora" (an adapter), "full" (every weight). A new method adds its name here and its behaviour
 # (which weights train, how they are saved and restored) to train/methods.py::METHODS.
 METHODS = ("lora", "full")
 # Settings that only mean something for an adapter: --method full refuses them.
-LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "lora_plus_ratio")
+LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "lora_plus_ratio", "quantize",
+             "init")
 
 
 @dataclass
@@ -34,18 +38,23 @@ class TrainConfig:
     targets: list[str] | str | None = None
     layers_to_transform: list[int] | None = None
     rslora: bool = False
+    # loftq: fitted to the quantised base's rounding error (needs --quantize). One LoftQ iteration: more would
+    # re-quantise the base's weights, which an adapter file cannot carry (the library's LoraConfig allows them).
+    init: str = "kaiming"
+    quantize: str | None = None  # nf4 | int8: QLoRA on a quantised base
     # optimisation
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
+    optim: str = "adamw"
     lora_plus_ratio: float | None = None  # LoRA+: B learns at lr·ratio (the paper suggests 16)
     weight_decay: float = 0.0
     schedule: str = "linear"
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on with --quantize (QLoRA's memory saver), else off
     seed: int = 0
     split_seed: int | None = None  # which rows are held out; None: --seed (set it to vary --seed on one held-out set)
     # data
@@ -72,6 +81,13 @@ class TrainConfig:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name, allowed in (("quantize", QUANTIZE + (None,)), ("optim", OPTIMIZERS), ("init", INITS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.init == "loftq" and self.quantize is None:
+            raise ConfigError("--init loftq fits the adapter to a quantised base's rounding error; add --quantize nf4")
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.quantize is not None
         for name in ("max_steps", "batch_size", "grad_accum", "rank", "max_length", "keep_checkpoints", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -35,7 +35,7 @@ class LoraMethod:
 
     def lora_config(self, config: TrainConfig) -> LoraConfig:
         return LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets,
-                          layers_to_transform=config.layers_to_transform, rslora=config.rslora,
+                          layers_to_transform=config.layers_to_transform, rslora=config.rslora, init=config.init,
                           task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",
                           base_model_name_or_path=str(config.base))
 
