@@ -7,9 +7,10 @@ bytes the quantised base takes per linear-layer weight; and each variant's peak 
 
 Steps run interleaved (A B C D, then reversed), one torch thread; a ratio is the median over rounds of neighbouring
 runs (see bench/core.py). Every model holds the same A and B; the two QLoRA models quantise the same weights.
-Peak memory: each variant builds its model and runs the same steps in a fresh process; `peak during steps` is the
-peak resident set size after the model was built (Linux's VmHWM, reset through /proc/self/clear_refs), `peak` the
-whole process's (building included).
+Peak memory: each variant builds its model and runs the same steps in a fresh process; `peak during the steps` is
+the peak resident set size after the model was built and freed memory handed back (malloc_trim; Linux's VmHWM,
+reset through /proc/self/clear_refs), `peak while building` the process's peak before that (loading and
+quantising). ru_maxrss would not do: a child process inherits its parent's.
 """
 
 from __future__ import annotations
@@ -104,21 +105,36 @@ def batch(args) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
 
 
+def peak_rss() -> int:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["VmHWM"].split()[0]) * 1024
+
+
 def measure_memory(args) -> int:
     """Child process: build one variant, run the steps, print its peak resident set sizes as JSON."""
+    import ctypes
+    import gc
+
+    import bitsandbytes  # noqa: F401  every variant holds the library's code (~100 MB resident), used or not
+
     torch.set_num_threads(1)
     model = build(args.memory_of, Path(args.base_dir), args.rank).train()
     ids = batch(args)
     run = step_fn(model, ids)
+    building = peak_rss()
+    # transformers maps the checkpoint file: weights stay file pages, resident once read (a quantising load reads
+    # them all, a plain one only as the steps touch them). Own copies make every variant's weights count alike.
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = t.data.clone()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what loading freed (the full-precision weights a quantising load replaced)
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM: from here on it is the peak during the steps
+        f.write("5")  # resets VmHWM to the current RSS: from here on it is the peak during the steps
+    resident = peak_rss()
     for _ in range(args.memory_steps):
         run()
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    import resource
-
-    print(json.dumps({"during_steps": int(status["VmHWM"].split()[0]) * 1024,
-                      "process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"during_steps": peak_rss(), "building": building, "resident": resident}))
     return 0
 
 
@@ -174,7 +190,8 @@ def main(argv=None) -> int:
     per_weight = nbytes / weights
     print(f"| quantised base, bytes per linear-layer weight | {per_weight:.4f} B ({nbytes / 2**20:.2f} MiB for "
           f"{weights / 1e6:.2f} M weights) | | ≤ {BYTES_TARGET} B | {'yes' if per_weight <= BYTES_TARGET else '**no**'} |")
-    for key, what in (("during_steps", "peak RSS during the steps"), ("process", "peak RSS of the process")):
+    for key, what in (("resident", "RSS with the model built (before the steps)"),
+                      ("during_steps", "peak RSS during the steps"), ("building", "peak RSS while building the model")):
         q, lo = memory[ours][key], memory["lora lorakit"][key]
         pq, pl = memory[peft][key], memory["lora peft"][key]
         print(f"| {what}: QLoRA (÷ fp32 LoRA) | {q / 2**20:.0f} MiB ({q / lo:.3f}×) | {pq / 2**20:.0f} MiB ({pq / pl:.3f}×) | | |")

@@ -40,7 +40,8 @@ def load_base_model(path: str | os.PathLike, task_type: str | None = "CAUSAL_LM"
     if dtype is not None:
         kwargs["dtype"] = dtype
     if quantize is not None:
-        kwargs.update(_quantization_kwargs(path, quantize, compute_dtype or dtype or torch.float32, double_quant))
+        kwargs.update(_quantization_kwargs(path, quantize, compute_dtype or dtype or torch.float32, double_quant,
+                                           task_type))
     model = auto.from_pretrained(str(path), local_files_only=True, **kwargs)
     if getattr(model, "is_loaded_in_4bit", False):
         from .quant.bnb import keep_standard_layout
@@ -59,8 +60,10 @@ def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     return names[value]
 
 
-def _quantization_kwargs(path: Path, quantize: str, compute_dtype: torch.dtype, double_quant: bool) -> dict:
+def _quantization_kwargs(path: Path, quantize: str, compute_dtype: torch.dtype, double_quant: bool,
+                         task_type: str | None) -> dict:
     """`quantization_config` for from_pretrained, or nothing (with a warning) when the directory is quantised already."""
+    from .matching import OUTPUT_HEAD_NAMES
     from .quant import QUANTIZE_MODES, require_bitsandbytes
 
     if quantize not in QUANTIZE_MODES:
@@ -75,11 +78,14 @@ def _quantization_kwargs(path: Path, quantize: str, compute_dtype: torch.dtype, 
     require_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
+    # A task head (a classifier) is new and trains in full, so it stays unquantised; transformers' default skips
+    # only the language-model head.
+    skip = {} if task_type in (None, "CAUSAL_LM") else {"llm_int8_skip_modules": list(OUTPUT_HEAD_NAMES)}
     if quantize == "int8":
-        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, **skip)}
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=compute_dtype)}
+        bnb_4bit_compute_dtype=compute_dtype, **skip)}
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -53,7 +53,7 @@ def inject(model: nn.Module, config: LoraConfig | None = None, adapter: str = "d
     shared = cls.prepare(config, model, bases)
     # Every adapter object is built before the model is touched, so a refused layer leaves the model as it was.
     built = [(name, cls.create(config, base, layer_type(base), name, shared)) for name, base in bases]
-    if getattr(config, "init", None) == "loftq":  # factors fitted to the quantisation error; may re-quantise the bases (loftq_iter > 1)
+    if getattr(config, "init", None) == "loftq":  # A, B fitted to the bases' rounding error (quant/loftq.py)
         loftq_initialise(model, [(name, base, a) for (name, base), (_, a) in zip(bases, built)], config)
     for name, adapter_object in built:
         _wrap(model, name).add_adapter(adapter, adapter=adapter_object)
