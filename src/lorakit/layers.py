@@ -161,7 +161,10 @@ def layer_type(module: nn.Module) -> LayerType | None:
 def _add_imported_optional_types() -> None:
     for entry in list(OPTIONAL_LAYER_TYPES):
         if entry[0] in sys.modules:
-            OPTIONAL_LAYER_TYPES.remove(entry)
+            try:
+                OPTIONAL_LAYER_TYPES.remove(entry)
+            except ValueError:  # another thread got there first
+                continue
             LAYER_TYPES[:0] = entry[1]()
 
 

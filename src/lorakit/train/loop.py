@@ -96,6 +96,10 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     model.config.use_cache = False  # a KV cache is useless while training and costs memory
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 also makes the embeddings' output require grad, which only reentrant checkpointing needs:
+        # it would run backward through every frozen block below the adapters (2x the step on the demo).
+        if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+            model.disable_input_require_grads()
     model.train()
     try:
         _loop(config, world, model, run_model, optimizer, scheduler, progress, train_set, eval_set, pad_id, tokenizer, out)
