@@ -289,3 +289,17 @@ def test_a_quantised_layer_lorakit_does_not_know_is_refused_by_name(llama, token
         lorakit.inject(llama, LoraConfig(target_modules=["q_proj"]))
     lorakit.inject(llama, LoraConfig(target_modules="all-linear"))  # all-linear passes over it
     assert "model.layers.0.self_attn.q_proj" not in dict(lorakit.state.lora_layers(llama))
+
+
+def test_one_adapter_per_row_on_a_4bit_base_equals_each_adapter_alone(llama_dir, tokens):
+    model = qlora(llama_dir)
+    lorakit.inject(model, LoraConfig(r=8, alpha=8, target_modules="all-linear"), adapter="b")
+    randomise_lora(model, std=0.1, seed=1)
+    ids = tokens[:1].repeat(3, 1)
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=["default", "b", None]).logits
+        for row, name in enumerate(["default", "b"]):
+            lorakit.set_active(model, name)
+            torch.testing.assert_close(mixed[row], model(ids[:1]).logits[0], atol=1e-5, rtol=0)
+        with lorakit.disabled(model):
+            torch.testing.assert_close(mixed[2], model(ids[:1]).logits[0], atol=1e-6, rtol=0)
