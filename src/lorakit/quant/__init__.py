@@ -1,5 +1,6 @@
-"""Quantised bases for QLoRA: bitsandbytes' 4-bit and 8-bit linear layers as LoRA base layers (bnb.py), loading a
-base quantised, turning a quantised model back into a plain one, and LoftQ initialisation (loftq.py).
+"""Quantised bases for QLoRA: bitsandbytes' 4-bit and 8-bit linear layers as LoRA base layers (bnb.py), turning a
+quantised model back into a plain one, what its weights take, and LoftQ initialisation (loftq.py). Loading a base
+quantised is `hf.load_base_model(path, quantize=...)`.
 
 Importing this package does not import bitsandbytes (it takes seconds): the layer types in bnb.py are added to
 `layers.LAYER_TYPES` once bitsandbytes has been imported, which any model holding its layers has done.
