@@ -25,9 +25,11 @@ from .errors import (
     IncompatibleAdapterError,
     LorakitError,
     MergeStateError,
+    MissingDependencyError,
     ShapeMismatchError,
     TargetModulesNotFoundError,
 )
+from .hf import load_base_model
 from .inject import inject, trainable_parameters
 from .io import check_adapter_files, load_adapter, read_adapter_config, save_adapter
 from .layers import LoraLayer
@@ -45,11 +47,12 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "VeraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
     "set_active", "set_trainable", "adapter_rows", "check_adapter_files", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
-    "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
+    "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters", "load_base_model",
     "combine_adapters", "resize_adapter", "extract_adapter",
     "MixtureConfig", "add_mixture", "save_mixture", "load_mixture", "mixture_balance_loss",
     "plan_memory",
     "AdaLoraConfig", "adalora_step", "adalora_orth_loss", "adalora_to_lora",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
+    "MissingDependencyError",
 ]

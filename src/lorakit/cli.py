@@ -38,7 +38,8 @@ def _inspect(args) -> int:
 def _merge(args) -> int:
     from .merge_cli import merge_to_directory
 
-    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite, device=args.device)
+    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite, device=args.device,
+                       quantize=args.quantize)
     print(f"merged model written to {args.out}")
     return 0
 
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype to load, merge and save in (default: merge in fp32, save in the base's stored dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     add_device_argument(p)
+    p.add_argument("--quantize", choices=["nf4", "int8"], help="the base the adapter was trained on (QLoRA): merged "
+                   "into its dequantised weights, saved in full precision")
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("convert", help="rewrite an adapter in another method's form with equal outputs (AdaLoRA -> LoRA)")

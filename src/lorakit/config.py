@@ -12,7 +12,8 @@ from .errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "lora_only", "all")
-INIT_MODES = ("kaiming", "gaussian", "pissa", "olora")  # plus "pissa_niter_N" (PiSSA by randomised SVD)
+INIT_MODES = ("kaiming", "gaussian", "pissa", "olora", "loftq")  # plus "pissa_niter_N" (PiSSA by randomised SVD);
+# loftq: fitted to a quantised base's rounding error (quant/loftq.py)
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
 
 # Used when target_modules is None: the attention projections PEFT also picks for these families.
@@ -50,6 +51,7 @@ class LoraConfig:
     use_dora: bool = False  # DoRA: a trained magnitude per output feature on top of the LoRA direction
     bias: str = "none"
     init: str = "kaiming"
+    loftq_iter: int = 1  # init="loftq": alternations of quantising the base and fitting B·A (1 keeps the base as loaded)
     task_type: str | None = None
     base_model_name_or_path: str | None = None
 
@@ -65,6 +67,7 @@ class LoraConfig:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INIT_MODES and not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
             raise ConfigError(f"init must be one of {INIT_MODES} or 'pissa_niter_N' (N ≥ 1), got {self.init!r}")
+        _check_positive_int("loftq_iter", self.loftq_iter)
         self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
         normalise_shared_fields(self)
 
@@ -107,7 +110,8 @@ class LoraConfig:
             "use_dora": self.use_dora,
             "bias": self.bias,
             "fan_in_fan_out": False,
-            "init_lora_weights": True if self.init == "kaiming" else self.init,
+            # A saved LoftQ adapter holds trained factors: PEFT must load them, not run LoftQ again (its convention).
+            "init_lora_weights": True if self.init in ("kaiming", "loftq") else self.init,
             "inference_mode": True,
             "revision": None,
         }

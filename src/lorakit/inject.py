@@ -12,6 +12,8 @@ from .config import LoraConfig
 from .errors import AdapterExistsError, ConfigError
 from .layers import LoraLayer, layer_type
 from .matching import default_targets, match_modules_to_save, match_targets
+from .quant import logical_numel
+from .quant.loftq import loftq_initialise
 from .state import ModulesToSave, base_parameters, get_state, replace_module
 from .variants import adapter_class
 
@@ -64,7 +66,10 @@ def build(model: nn.Module, config=None, adapter: str = "default", strict: bool 
     cls = adapter_class(config)
     bases = [(name, _base(model.get_submodule(name))) for name in targets]
     shared = cls.prepare(config, model, bases)
-    return Built(config, targets, [(name, cls.create(config, base, layer_type(base), name, shared)) for name, base in bases])
+    objects = [(name, cls.create(config, base, layer_type(base), name, shared)) for name, base in bases]
+    if getattr(config, "init", None) == "loftq":  # A, B fitted to the bases' rounding error (quant/loftq.py)
+        loftq_initialise(model, [(name, base, a) for (name, base), (_, a) in zip(bases, objects)], config)
+    return Built(config, targets, objects)
 
 
 def attach(model: nn.Module, built: Built, adapter: str, activate: bool = True, trainable: bool = True) -> nn.Module:
@@ -108,7 +113,7 @@ def trainable_parameters(model: nn.Module, verbose: bool = True) -> TrainableCou
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)  # two 4-bit values per stored byte
+        n = logical_numel(p)  # a 4-bit weight packs several values into each stored element
         total += n
         trainable += n if p.requires_grad else 0
     count = TrainableCount(trainable, total)

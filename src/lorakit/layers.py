@@ -11,7 +11,9 @@ fused and per-row paths apply); `LoraLayer` only orchestrates. Variants (variant
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ class LayerType:
     is_linear = True  # what "all-linear" selects
     fusable = True  # fused.py's hand-written path applies
     per_row = True  # per-row batches (rows.py) can run it
+    quantized = False  # its weight is stored quantised (quant/): merging re-quantises, unmerge puts the packed data back
     takes_ids = False  # its input is token ids (an embedding), not features
     fan_in_fan_out = False  # its weight is stored (in, out), as PEFT's config flag says
     factor_names = ("lora_A.weight", "lora_B.weight")  # PEFT's tensor names for A and B
@@ -64,6 +67,34 @@ class LayerType:
     def feature_view(self, v: torch.Tensor) -> torch.Tensor:
         """A per-output-feature vector (out,) shaped to broadcast against this layer's output (features last)."""
         return v
+
+    # -- the weight itself: plain layers hold a float tensor; quantised ones (quant/) override these --
+
+    def weight_dtype(self, base: nn.Module) -> torch.dtype:
+        """The dtype the layer computes in."""
+        return base.weight.dtype
+
+    def dense_weight(self, base: nn.Module, kept=None) -> torch.Tensor:
+        """The weight as a float tensor in the layer's own layout; `kept` (from `keep_weight`) instead of the current one."""
+        return base.weight if kept is None else kept
+
+    def fused_weight(self, base: nn.Module):
+        """What fused.py multiplies by: the weight, or a function that materialises it (then called again in backward)."""
+        return base.weight
+
+    def keep_weight(self, base: nn.Module):
+        """What `restore_weight` needs to put the current weight back bit for bit."""
+        return base.weight.detach().clone()
+
+    def restore_weight(self, base: nn.Module, kept) -> None:
+        base.weight.copy_(kept)
+
+    def write_weight(self, base: nn.Module, dense: torch.Tensor) -> None:
+        """Store a dense weight (a merge's result) in the layer, in its own dtype."""
+        base.weight.copy_(dense.to(base.weight.dtype))
+
+    def on_wrap(self, base: nn.Module) -> None:
+        """Called when a LoraLayer wraps `base` (quantised types switch off layouts that break gradients)."""
 
 
 class _Conv1DType(LayerType):
@@ -125,18 +156,36 @@ class _Conv2dType(LayerType):
 
 
 LINEAR, CONV1D, EMBEDDING, CONV2D = LayerType(), _Conv1DType(), _EmbeddingType(), _Conv2dType()
-# Checked in order; extended by quant/ for bitsandbytes layers. Conv2d with groups > 1 is refused.
+# Checked in order; quant/ puts bitsandbytes' layers first (they subclass nn.Linear). Conv2d with groups > 1 is refused.
 LAYER_TYPES: list[tuple[type, LayerType]] = [(nn.Linear, LINEAR), (nn.Embedding, EMBEDDING), (nn.Conv2d, CONV2D)]
 if Conv1D is not None:
     LAYER_TYPES.insert(1, (Conv1D, CONV1D))
+# Layer types of optional packages: (package, function returning its (class, LayerType) pairs). They are added
+# once the package is imported (a model can only hold its layers after that), so lorakit never imports it itself.
+OPTIONAL_LAYER_TYPES: list[tuple[str, Callable[[], list[tuple[type, LayerType]]]]] = []
 
 
 def layer_type(module: nn.Module) -> LayerType | None:
     """The LayerType of a base layer, or None when LoRA cannot wrap it."""
+    if OPTIONAL_LAYER_TYPES:
+        _add_imported_optional_types()
     for cls, ltype in LAYER_TYPES:
         if isinstance(module, cls):
-            return None if isinstance(module, nn.Conv2d) and module.groups != 1 else ltype
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                return None
+            # A quantised layer of a package lorakit does not know (its weight holds integers, not numbers).
+            return ltype if ltype.quantized or module.weight.is_floating_point() else None
     return None
+
+
+def _add_imported_optional_types() -> None:
+    for entry in list(OPTIONAL_LAYER_TYPES):
+        if entry[0] in sys.modules:
+            try:
+                OPTIONAL_LAYER_TYPES.remove(entry)
+            except ValueError:  # another thread got there first
+                continue
+            LAYER_TYPES[:0] = entry[1]()
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -170,7 +219,7 @@ class LoraAdapter(nn.Module):
         super().__init__()
         w = base.weight
         a_shape, b_shape = ltype.factor_shapes(base, r)
-        dtype = adapter_dtype(w.dtype)
+        dtype = adapter_dtype(ltype.weight_dtype(base))
         self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=w.device))
         self.rank, self.scale = r, float(scale)
@@ -224,15 +273,17 @@ class LoraAdapter(nn.Module):
             return None
         A, B = self.factors()
         base = layer.base_layer
-        return fused_linear(x, base.weight, base.bias, A, B, self.scale * strength, layer.type.fan_in_fan_out)
+        weight = layer.type.fused_weight(base)
+        return fused_linear(x, weight, base.bias, A, B, self.scale * strength, layer.type.fan_in_fan_out)
 
     def can_fuse(self, layer: "LoraLayer", x: torch.Tensor) -> bool:
-        base_weight = layer.base_layer.weight
+        base = layer.base_layer
         return (
             layer.type.fusable
             and (isinstance(self.dropout, nn.Identity) or not self.training)
-            and not base_weight.requires_grad
-            and self.factor_dtype == x.dtype == base_weight.dtype
+            and not base.weight.requires_grad
+            and self.factor_dtype == x.dtype == layer.type.weight_dtype(base)
+            and (base.bias is None or base.bias.dtype == x.dtype)
             and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
         )
 
@@ -348,14 +399,16 @@ class LoraLayer(nn.Module):
         ltype = layer_type(base_layer)
         if ltype is None:
             raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}; supported: Linear, Conv1D, Embedding, Conv2d")
+        ltype.on_wrap(base_layer)
         self.base_layer = base_layer
         self.type = ltype
         self.adapters = nn.ModuleDict()
         self.active: list[ActiveAdapter] = []
         self.merged: list[ActiveAdapter] = []  # what is folded into base_layer.weight right now
         self.disabled = False
-        # merge() keeps the untouched weight here so unmerge() is bit-exact (subtracting drifts).
-        self.original_weight: torch.Tensor | None = None
+        # merge() keeps the untouched weight here (LayerType.keep_weight: a copy, or a quantised layer's packed data
+        # and state) so unmerge() is bit-exact (subtracting drifts).
+        self.original_weight = None
         self.base_parts: list[str] = []  # adapters that hold part of the base weight (PiSSA/OLoRA), see base_part()
         self.row_slots = None  # slots.SlotPool: this layer's adapters in stacked slots for per-row batches
 
@@ -376,8 +429,9 @@ class LoraLayer(nn.Module):
         return self.type.features(self.base_layer)
 
     def unmerged_weight(self) -> torch.Tensor:
-        """The base weight without any merged adapter (what DoRA's norm and merge deltas are computed from)."""
-        return self.original_weight if self.original_weight is not None else self.base_layer.weight
+        """The base weight without any merged adapter, as a float tensor (what DoRA's norm and merge deltas are
+        computed from; a quantised base is dequantised)."""
+        return self.type.dense_weight(self.base_layer, self.original_weight)
 
     def add_adapter(self, name: str, r: int | None = None, scale: float | None = None, dropout: float = 0.0,
                     init: str = "kaiming", adapter: nn.Module | None = None) -> nn.Module:

@@ -7,11 +7,13 @@ import re
 import warnings
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS
 from .errors import ConfigError, TargetModulesNotFoundError
 from .layers import LoraLayer, layer_type
+from .quant import INSTALL_COMMAND
 from .state import ModulesToSave, walk
 
 # Top-level heads that "all-linear" leaves alone: they map to the vocabulary or the labels.
@@ -36,10 +38,15 @@ def match_targets(model: nn.Module, config, strict: bool = False) -> list[str]:
         (matched if wrappable(module) else unsupported).append((name, module))
     if unsupported and config.target_modules != ALL_LINEAR:
         name, module = unsupported[0]
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not weight.is_floating_point():  # another library's quantised layer
+            fix = (f"For QLoRA, load the base quantised by bitsandbytes: lorakit.load_base_model(path, quantize='nf4') "
+                   f"(install: {INSTALL_COMMAND})")
+        else:
+            fix = f"Target the layers inside it, e.g. {', '.join(candidate_names(module)) or 'none found'}"
         raise TargetModulesNotFoundError(
-            f"target_modules matched {name!r}, a {type(module).__name__}, which LoRA cannot wrap "
-            f"(it wraps Linear, GPT-2 Conv1D, Embedding and Conv2d). Target the layers inside it, e.g. "
-            f"{', '.join(candidate_names(module)) or 'none found'}"
+            f"target_modules matched {name!r}, a {type(module).__name__}, which LoRA cannot wrap (it wraps Linear, "
+            f"GPT-2 Conv1D, Embedding, Conv2d and bitsandbytes' Linear4bit and Linear8bitLt). {fix}"
         )
     if not matched:
         raise TargetModulesNotFoundError(

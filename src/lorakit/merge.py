@@ -1,22 +1,43 @@
-"""Fold adapters into the base weights for zero added latency, restore the base exactly, or strip LoRA out."""
+"""Fold adapters into the base weights for zero added latency, restore the base exactly, or strip LoRA out.
+
+On a quantised base (quant/), `merge_and_unload` returns a plain full-precision model by default: merging into
+4 bits would round most of the adapter's small update away.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
+from . import quant
 from .adapters import apply_active, is_merged, require, uninstall_adapter_names
 from .errors import MergeStateError
 from .layers import ActiveAdapter
 from .state import drop_state, get_state, lora_layers, replace_module, save_wrappers
 
 
-@torch.no_grad()
 def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """Fold `adapter` (default: the active adapters, with their weights) into the base weights.
 
-    The untouched weight is kept aside, so `unmerge` restores it bit for bit.
+    The untouched weight is kept aside, so `unmerge` restores it bit for bit. A quantised weight is quantised
+    again after merging (with a warning saying how much of the adapter that loses); unmerge puts back the original
+    packed data and quantisation state.
     """
+    errors = _merge(model, adapter)
+    if errors:
+        name, (delta, err) = max(errors.items(), key=lambda kv: kv[1][1] / max(kv[1][0], 1e-30))
+        warnings.warn(f"merging into quantised weights re-quantises them: the rounding changes up to "
+                      f"{100 * err / max(delta, 1e-30):.0f}% of the adapter's update ({name}); unmerge() restores the "
+                      "original weights exactly, and merge_and_unload() returns an unrounded full-precision model",
+                      stacklevel=2)
+    return model
+
+
+@torch.no_grad()
+def _merge(model: nn.Module, adapter: str | None) -> dict[str, tuple[float, float]]:
+    """merge(); returns, for each re-quantised layer, (‖ΔW‖, ‖what is stored − (W + ΔW)‖)."""
     state = get_state(model)
     if adapter is not None:
         require(model, adapter)
@@ -28,19 +49,27 @@ def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
     # What is merged becomes what is active, so the merged model computes exactly base + merged adapters.
     already = [a for a in state.active if a.name not in {c.name for c in chosen}] if is_merged(model) else []
     apply_active(model, already + chosen)
-    for _, layer in lora_layers(model):
+    errors = {}
+    for name, layer in lora_layers(model):
         todo = [a for a in chosen if a.name in layer.adapters and a.name not in {m.name for m in layer.merged}]
         if not todo:
             continue
-        w = layer.base_layer.weight
+        base, ltype = layer.base_layer, layer.type
         if layer.original_weight is None:
-            layer.original_weight = w.detach().clone()
-        total = w.float()
+            layer.original_weight = ltype.keep_weight(base)
+        if ltype.quantized:  # start from the original, so merging twice does not round twice
+            todo, start = layer.merged + todo, ltype.dense_weight(base, layer.original_weight)
+        else:
+            start = ltype.dense_weight(base)
+        total = start.float()
         for a in todo:  # each adapter answers for its merged weight (DoRA's is not a plain sum)
             total = layer.adapters[a.name].merge_into(layer, total, a.weight)
-        w.copy_(total.to(w.dtype))
+        ltype.write_weight(base, total)
+        if ltype.quantized:
+            errors[name] = (float((total - start).norm()), float((ltype.dense_weight(base) - total).norm()))
+            layer.merged = []
         layer.merged.extend(todo)
-    return model
+    return errors
 
 
 @torch.no_grad()
@@ -48,7 +77,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Put back the weights saved at the first merge: bit-identical to before, however many cycles."""
     for _, layer in lora_layers(model):
         if layer.original_weight is not None:
-            layer.base_layer.weight.copy_(layer.original_weight)
+            layer.type.restore_weight(layer.base_layer, layer.original_weight)
             layer.original_weight = None
         layer.merged = []
     return model
@@ -61,11 +90,32 @@ def unload(model: nn.Module) -> nn.Module:
     return _strip(model, keep_copies=False)
 
 
-def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
-    """Merge (the active adapters, or `adapter`) and return a plain model that `save_pretrained` writes as usual."""
+def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.dtype | None = None,
+                     requantize: bool = False) -> nn.Module:
+    """Merge (the active adapters, or `adapter`) and return a plain model that `save_pretrained` writes as usual.
+
+    On a quantised base the result is a full-precision model in `dtype` (default: the base's compute dtype): each
+    weight is the dequantised base plus the adapter's update, so it computes what the unmerged QLoRA model
+    computed. `requantize=True` merges into the quantised weights instead (a smaller model that loses part of the
+    update to rounding) and prints each layer's error.
+    """
+    if quant.is_quantized(model) and not requantize:
+        dtype = dtype or quant.compute_dtype(model)
+        if is_merged(model):  # merged into 4 bits: start again from the exact original weights (still active)
+            unmerge(model)
+        quant.dequantize(model, torch.float32)  # merge in fp32, then cast once
+        return merge_and_unload(model, adapter).to(dtype)
     if not is_merged(model):
-        merge(model, adapter)
+        errors = _merge(model, adapter)
+        if requantize and errors:
+            _print_requantization_errors(errors)
     return _strip(model, keep_copies=True)
+
+
+def _print_requantization_errors(errors: dict[str, tuple[float, float]]) -> None:
+    print(f"{'layer (merged, then re-quantised)':<60} {'|dW|':>10} {'|error|':>10} {'error/|dW|':>10}")
+    for name, (delta, err) in errors.items():
+        print(f"{name:<60} {delta:>10.4g} {err:>10.4g} {err / max(delta, 1e-30):>10.1%}")
 
 
 def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
@@ -79,5 +129,6 @@ def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
     drop_state(model)
     uninstall_adapter_names(model)  # a plain model gets its plain forward/generate back
     for p in model.parameters():
-        p.requires_grad_(True)
+        if p.is_floating_point():  # a quantised weight (requantize=True) holds integers
+            p.requires_grad_(True)
     return model

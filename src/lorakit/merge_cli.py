@@ -16,17 +16,23 @@ from .merge import merge_and_unload
 
 
 def merge_to_directory(base: str, adapter: str, out: str, dtype: str | None = None, overwrite: bool = False,
-                       device: str | torch.device = "auto") -> Path:
+                       device: str | torch.device = "auto", quantize: str | None = None) -> Path:
     """Write base + adapter as one plain model to `out`, stored in `dtype` (default: the dtype the base's own
-    weights are stored in, so a float16 base gives a float16 model of the same size). The merge runs on `device`."""
+    weights are stored in, so a float16 base gives a float16 model of the same size). The merge runs on `device`.
+    With `quantize` (the adapter was trained on a 4-/8-bit base), the base is quantised as it was in training and
+    the merged model is that base dequantised plus the adapter, in full precision: the model that was trained."""
     device = resolve_device(device)  # first: a GPU that is not there is said before anything loads
     base_dir = resolve_base(base)
     out_path = Path(out)
     _check_out(out_path, base_dir, Path(adapter), overwrite)
     config = read_adapter_config(adapter)
     save_dtype = DTYPES[dtype] if dtype else stored_dtype(base_dir)
-    # Without --dtype the merge runs in float32 and is rounded once, to the base's dtype, when saved.
-    model = load_base_model(base_dir, config.task_type or "CAUSAL_LM", dtype=dtype or torch.float32).to(device)
+    task = config.task_type or "CAUSAL_LM"
+    if quantize is None:
+        # Without --dtype the merge runs in float32 and is rounded once, to the base's dtype, when saved.
+        model = load_base_model(base_dir, task, dtype=dtype or torch.float32).to(device)
+    else:  # quantised as in training, placed on the device as it loads (a 4-bit model is not moved afterwards)
+        model = load_base_model(base_dir, task, dtype=dtype, quantize=quantize, device_map={"": device})
     load_adapter(model, adapter)
     model = merge_and_unload(model)
     if save_dtype is not None:

@@ -57,13 +57,18 @@ def add_parser(sub) -> None:
                    "only a per-layer router that weights them per token trains (X-LoRA / MoLE style)")
     p.add_argument("--top-k", type=int, help="mixture: route each token to its k best experts (default: all, weighted)")
     p.add_argument("--load-balance", type=float, help="mixture: weight of the load-balancing loss (default 0.01)")
+    p.add_argument("--quantize", choices=["nf4", "int8"], help="QLoRA: load the base in 4-bit NF4 (double quantisation) "
+                   "or 8-bit through bitsandbytes; turns gradient checkpointing on")
     p.add_argument("--init", help="how A and B start: kaiming (default; B = 0), gaussian, pissa, pissa_niter_N (randomised "
-                   "SVD), olora; pissa/olora start from the base's principal directions (the base keeps the residual)")
+                   "SVD), olora (pissa/olora start from the base's principal directions, the base keeps the residual), "
+                   "loftq (fitted to the quantised base's rounding error; needs --quantize)")
     p.add_argument("--batch-size", "--per-device-train-batch-size", dest="batch_size", type=int,
                    help=f"rows per micro-batch per process (default {d.batch_size})")
     p.add_argument("--grad-accum", "--gradient-accumulation-steps", dest="grad_accum", type=int,
                    help="micro-batches per optimizer step")
     p.add_argument("--lr", "--learning-rate", dest="lr", type=float, help=f"learning rate (default {d.lr:g})")
+    p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], help="optimizer (8-bit ones: "
+                   "bitsandbytes; paged needs CUDA, else it falls back to adamw8bit)")
     p.add_argument("--lora-plus-ratio", type=float, help="LoRA+: learning rate of B = lr x ratio (e.g. 16)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", "--lr-scheduler-type", dest="schedule", choices=["linear", "cosine", "constant"])
@@ -71,7 +76,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16"])
     add_device_argument(p, default=None)  # None: the config file's (or a resumed run's), else auto
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (default: on with --quantize)")
     p.add_argument("--max-length", type=int)
     p.add_argument("--packing", action="store_true", default=None, help="pack text rows into max-length blocks")
     p.add_argument("--chat-template", action="store_true", default=None,

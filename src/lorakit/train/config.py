@@ -14,12 +14,15 @@ from ..errors import ConfigError
 TASKS = ("causal-lm", "classify")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
+QUANTIZE = ("nf4", "int8")  # a 4-bit NF4 (QLoRA) or 8-bit LLM.int8 base, through bitsandbytes
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")  # the 8-bit ones are bitsandbytes' (train/optimizers.py)
 # What trains: "lora" (an adapter), "dora" (a DoRA adapter), "adalora" (an adapter whose ranks move), "vera" (a
 # VeRA adapter), "full" (every weight), "mixture" (routers over frozen experts). A new method adds its name here
 # and its behaviour (which weights train, how they are saved and restored) to train/methods.py::METHODS.
 METHODS = ("lora", "dora", "adalora", "vera", "full", "mixture")
 # Settings that only mean something for an adapter: --method full refuses them.
-LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "init", "lora_plus_ratio")
+LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "init", "lora_plus_ratio",
+             "quantize")
 # Written into train_config.json for the record (what the run adapted), ignored when the file is read back.
 RECORD_ONLY = ("adapted_modules",)
 # Defaults that differ by method, applied by `lorakit train` under its flags and --config file (and over the
@@ -45,17 +48,22 @@ class TrainConfig:
     targets: list[str] | str | None = None
     layers_to_transform: list[int] | None = None
     rslora: bool = False
+    # kaiming | gaussian | pissa | pissa_niter_N | olora | loftq (LoraConfig.init). loftq: fitted to the quantised
+    # base's rounding error (needs --quantize); one LoftQ iteration: more would re-quantise the base's weights, which
+    # an adapter file cannot carry (the library's LoraConfig allows them).
     init: str = "kaiming"
+    quantize: str | None = None  # nf4 | int8: QLoRA on a quantised base
     # mixture of LoRAs (--mixture NAME=DIR ...): frozen experts, only the per-layer routers train
     mixture: dict[str, str] | None = None
     top_k: int | None = None
-    load_balance: float = 0.01  # kaiming | gaussian | pissa | pissa_niter_N | olora (LoraConfig.init)
+    load_balance: float = 0.01
     # optimisation
     max_steps: int = 100
     epochs: float | None = None  # when set, decides max_steps from the training rows
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
+    optim: str = "adamw"
     lora_plus_ratio: float | None = None  # LoRA+: B learns at lr·ratio (the paper suggests 16)
     weight_decay: float = 0.0
     schedule: str = "linear"
@@ -63,7 +71,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N (lorakit.device); under torchrun, one GPU per process
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on with --quantize (QLoRA's memory saver), else off
     seed: int = 0
     split_seed: int | None = None  # which rows are held out; None: --seed (set it to vary --seed on one held-out set)
     # data
@@ -99,6 +107,13 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         check_device_spec(self.device)  # its spelling only: a config may be written on another machine
+        for name, allowed in (("quantize", QUANTIZE + (None,)), ("optim", OPTIMIZERS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.init == "loftq" and self.quantize is None:
+            raise ConfigError("--init loftq fits the adapter to a quantised base's rounding error; add --quantize nf4")
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.quantize is not None
         for name in ("max_steps", "batch_size", "grad_accum", "rank", "max_length", "keep_checkpoints", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

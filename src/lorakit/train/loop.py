@@ -34,6 +34,7 @@ from .evaluate import evaluate
 from .loss import loss_fn
 from .measure import cost_line, peak_memory, step_times
 from .methods import ADAPTER, method_for
+from .optimizers import build_optimizer
 from .plot import plot_losses
 from .run_dir import check_out_dir, check_resume_step, remove_run, written
 
@@ -116,6 +117,10 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     model.config.use_cache = False  # a KV cache is useless while training and costs memory
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 also makes the embeddings' output require grad, which only reentrant checkpointing needs:
+        # it would run backward through every frozen block below the adapters (2x the step on the demo).
+        if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+            model.disable_input_require_grads()
     model.train()
     try:
         _loop(config, world, model, run_model, optimizer, scheduler, progress, train_set, eval_set, pad_id, tokenizer, out)
@@ -403,18 +408,21 @@ def _load_data(config: TrainConfig, tokenizer, say):
 
 def _load_model(config: TrainConfig, label_names: list[str], world: World) -> nn.Module:
     dtype = method_for(config).model_dtype(config)
+    # A quantised base is quantised where it will run (bitsandbytes quantises as it places the weights).
+    quant = {"quantize": config.quantize, "device_map": {"": str(world.device)}} if config.quantize else {}
     if config.task == "classify":
         model = load_base_model(config.base, "SEQ_CLS", dtype=dtype, num_labels=len(label_names),
-                                id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+                                id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+                                **quant)
     else:
-        model = load_base_model(config.base, "CAUSAL_LM", dtype=dtype)
+        model = load_base_model(config.base, "CAUSAL_LM", dtype=dtype, **quant)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = load_tokenizer(config.base).pad_token_id
-    return model.to(world.device)
+    return model if config.quantize else model.to(world.device)
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; with LoRA+ the B factors learn `lora_plus_ratio` times faster."""
+    """AdamW (--optim) over trainable parameters; with LoRA+ the B factors learn `lora_plus_ratio` times faster."""
     base_lr, fast = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -422,7 +430,7 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": base_lr, "lr": config.lr}]
     if fast:
         groups.append({"params": fast, "lr": config.lr * config.lora_plus_ratio})
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return build_optimizer(config.optim, groups, config.lr, config.weight_decay, next(model.parameters()).device)
 
 
 def _schedule(config: TrainConfig):
