@@ -54,3 +54,8 @@ class MergeStateError(LorakitError, RuntimeError):
 
 class ModelConfigError(LorakitError, ValueError):
     """A model config (config.json) is missing, unreadable, or lacks a key a plan needs."""
+
+
+class ConfigWarning(UserWarning):
+    """A setting that works but is a known common mistake (e.g. alpha/r = 16); the message says the fix.
+    Silence them with warnings.filterwarnings("ignore", category=lorakit.errors.ConfigWarning)."""

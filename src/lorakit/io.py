@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters import delete_adapter
+from .config import quiet_config_checks
 from .errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
@@ -356,7 +357,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     files = check_adapter_files(path, model)
     tensors = read_adapter_tensors(path)
     try:
-        inject(model, files.config, adapter=adapter, activate=activate)
+        with quiet_config_checks():  # a file's rank was chosen when it was trained: not the loader's mistake
+            inject(model, files.config, adapter=adapter, activate=activate)
     except TargetModulesNotFoundError as e:
         raise IncompatibleAdapterError(f"adapter {str(path)!r} does not fit this {type(model).__name__}: {e}") from None
     try:
