@@ -33,6 +33,7 @@ from .layers import LoraLayer
 from .merge import merge, merge_and_unload, unload, unmerge
 from .variants.mixture import MixtureConfig
 from .plan import plan_memory
+from .recommend import recommend_config
 
 add_adapter = inject  # the same operation under the name people look for
 
@@ -44,7 +45,7 @@ __all__ = [
     "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
     "combine_adapters", "resize_adapter", "extract_adapter",
     "MixtureConfig", "add_mixture", "save_mixture", "load_mixture", "mixture_balance_loss",
-    "plan_memory",
+    "plan_memory", "recommend_config",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
 ]

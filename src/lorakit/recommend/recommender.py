@@ -251,10 +251,10 @@ def _memory_settings(study: Study, task: str, fit: MemoryFit, memory_gb, priorit
                          "trains LoRA on an unquantised base until then")
     else:
         quant = Setting("quantisation", "none", f"{'LoRA' if rung.method == 'lora' else 'full FT'} fits without it: "
-                                                f"{gib(peaks[rung.method])} peak ({where}; memory plan; {budget})"
-                                                f"{tried}", "plan")
-    ck = Setting("gradient checkpointing", "on" if rung.checkpointing else "off", _checkpointing_reason(fit, budget),
-                 "plan")
+                                                f"{gib(peaks[rung.method])} peak ({where}; memory plan; {budget})",
+                       "plan")
+    ck = Setting("gradient checkpointing", "on" if rung.checkpointing else "off",
+                 _checkpointing_reason(fit, budget) + ("" if q else tried), "plan")
     settings = [quant, ck]
     if rung.optim != "adamw":
         settings.append(Setting("optimizer", rung.optim, f"8-bit optimizer states are the last saving the plan has: "
