@@ -205,3 +205,17 @@ def test_cli_prints_the_table_and_errors_cleanly(llama_dir, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     assert main(["plan", "--model", str(tmp_path)]) == 2
     assert "missing key 'model_type'" in capsys.readouterr().err
+
+
+def test_replan_equals_a_fresh_plan_without_building_the_model_again(llama_dir):
+    from lorakit.plan import replan
+
+    first = lorakit.plan_memory(llama_dir, rank=4, targets="all-linear", batch=2, seq=32, serve_adapters=0)
+    for change in ({"batch": 5}, {"seq": 48, "gradient_checkpointing": True}, {"optim": "adamw8bit"}):
+        fresh = lorakit.plan_memory(llama_dir, rank=4, targets="all-linear", serve_adapters=0,
+                                    **{"batch": 2, "seq": 32, **change})
+        again = replan(first, **change)
+        assert again.methods == fresh.methods and again.notes == fresh.notes
+        assert (again.batch, again.seq, again.optim) == (fresh.batch, fresh.seq, fresh.optim)
+    assert first.batch == 2 and first.methods == lorakit.plan_memory(llama_dir, rank=4, targets="all-linear", batch=2,
+                                                                     seq=32, serve_adapters=0).methods  # unchanged

@@ -39,6 +39,7 @@ from .plan import plan_memory
 from .variants.adalora import AdaLoraConfig
 from .variants.adalora_budget import adalora_orth_loss, adalora_step
 from .variants import VeraConfig
+from .recommend import recommend_config
 
 add_adapter = inject  # the same operation under the name people look for
 
@@ -50,7 +51,7 @@ __all__ = [
     "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters", "load_base_model",
     "combine_adapters", "resize_adapter", "extract_adapter",
     "MixtureConfig", "add_mixture", "save_mixture", "load_mixture", "mixture_balance_loss",
-    "plan_memory",
+    "plan_memory", "recommend_config",
     "AdaLoraConfig", "adalora_step", "adalora_orth_loss", "adalora_to_lora",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import re
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigWarning
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "lora_only", "all")
 INIT_MODES = ("kaiming", "gaussian", "pissa", "olora", "loftq")  # plus "pissa_niter_N" (PiSSA by randomised SVD);
 # loftq: fitted to a quantised base's rounding error (quant/loftq.py)
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
+
+# The write-ups' common mistakes, warned about (not refused): the scale alpha/r at or above 16 makes updates
+# 8x larger than the usual alpha = 2r and is a known cause of divergence; at or below 1/8 the adapter barely
+# moves at a usual learning rate. Dropout on a few hundred rows (a run of a few dozen steps) mostly adds noise.
+SCALE_TOO_LARGE = 16.0
+SCALE_TOO_SMALL = 1 / 8
+TINY_DATA_ROWS = 500
+# Set inside quiet_config_checks(): configs read from adapter files (trained already) and internal copies.
+_QUIET: ContextVar[bool] = ContextVar("lorakit_quiet_config_checks", default=False)
 
 # Used when target_modules is None: the attention projections PEFT also picks for these families.
 DEFAULT_TARGETS = {
@@ -70,6 +82,22 @@ class LoraConfig:
         _check_positive_int("loftq_iter", self.loftq_iter)
         self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
         normalise_shared_fields(self)
+        if not _QUIET.get():
+            for message in self.common_mistakes():
+                warnings.warn(message, ConfigWarning, stacklevel=3)  # points at the caller's LoraConfig(...)
+
+    def common_mistakes(self) -> list[str]:
+        """The write-ups' common mistakes this config makes, one sentence each with the fix (warned on creation).
+        r above a layer's width needs the model (`inject` warns), dropout on tiny data the data (`lorakit train`)."""
+        found = []
+        pairs = {None: (self.r, self.alpha)}
+        for key in dict.fromkeys([*self.rank_pattern, *self.alpha_pattern]):
+            pairs[key] = (self.rank_pattern.get(key, self.r), self.alpha_pattern.get(key, self.alpha))
+        for key, (r, alpha) in pairs.items():
+            message = scale_mistake(r, alpha, self.rslora, "" if key is None else f" for {key!r}")
+            if message:
+                found.append(message)
+        return found
 
     @property
     def method(self) -> str:
@@ -148,7 +176,54 @@ class LoraConfig:
         )
 
     def replace(self, **changes: Any) -> "LoraConfig":
-        return dataclasses.replace(self, **changes)
+        with quiet_config_checks():  # the config was checked when it was made; a copy does not warn again
+            return dataclasses.replace(self, **changes)
+
+
+@contextlib.contextmanager
+def quiet_config_checks():
+    """LoraConfigs made inside do not warn about common mistakes: for adapter files (already trained, loading one
+    is not the mistake) and the library's internal copies. Per thread and per asyncio task (a ContextVar)."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def quiet_checks_on() -> bool:
+    """True inside quiet_config_checks()."""
+    return _QUIET.get()
+
+
+def scale_mistake(r: int, alpha: float, rslora: bool = False, where: str = "") -> str | None:
+    """One sentence naming the mistake and the fix when the scale alpha/r (alpha/sqrt(r) with rsLoRA) is at or
+    above 16 or at or below 1/8, else None."""
+    divisor, name = (math.sqrt(r), "alpha/sqrt(r)") if rslora else (r, "alpha/r")
+    scale = alpha / divisor
+    if SCALE_TOO_SMALL < scale < SCALE_TOO_LARGE:
+        return None
+    shown = f"{name} = {alpha:g}/{'sqrt(' + str(r) + ')' if rslora else r} = {scale:.3g}{where}"
+    fix = f"set alpha = 2*sqrt(r) (alpha={2 * math.sqrt(r):.3g})" if rslora else f"set alpha = 2*r (alpha={2 * r})"
+    if scale >= SCALE_TOO_LARGE:
+        return (f"LoraConfig: {shown}, an update scaled {scale:.3g}x, which the LoRA write-ups list as a common cause "
+                f"of loss spikes and divergence; {fix}")
+    rs = alpha / math.sqrt(r)
+    if not rslora and r >= 32 and SCALE_TOO_SMALL < rs < SCALE_TOO_LARGE:  # rsLoRA is meant for large ranks
+        fix += f", or keep alpha with rslora=True (alpha/sqrt(r) = {rs:.3g})"
+    return (f"LoraConfig: {shown}, an update scaled down {1 / scale:.3g}x, so the adapter barely moves at a usual "
+            f"learning rate (a common mistake in the LoRA write-ups); {fix}")
+
+
+def check_dropout_for_data(dropout: float, rows: int) -> str | None:
+    """Warn (and return the sentence) when LoRA dropout is set for fewer than TINY_DATA_ROWS training rows."""
+    if not dropout or rows >= TINY_DATA_ROWS:
+        return None
+    message = (f"LoRA dropout {dropout:g} with only {rows} training rows: on a run this short dropout mostly adds noise "
+               f"to the few updates it makes (a common mistake in the LoRA write-ups); set dropout 0 (--dropout 0) and "
+               f"regularise by training fewer steps")
+    warnings.warn(message, ConfigWarning, stacklevel=2)
+    return message
 
 
 def _init_from_peft(value: Any) -> str:

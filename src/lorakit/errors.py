@@ -62,3 +62,8 @@ class DeviceError(LorakitError, ValueError):
 
 class MissingDependencyError(LorakitError, ModuleNotFoundError):
     """An optional package a feature needs (bitsandbytes for quantised bases) is not installed."""
+
+
+class ConfigWarning(UserWarning):
+    """A setting that works but is a known common mistake (e.g. alpha/r = 16); the message says the fix.
+    Silence them with warnings.filterwarnings("ignore", category=lorakit.errors.ConfigWarning)."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from torch import nn
 
 from .adapters import install_adapter_names, mark_trainable, set_active
-from .config import LoraConfig
-from .errors import AdapterExistsError, ConfigError
+from .config import LoraConfig, quiet_checks_on
+from .errors import AdapterExistsError, ConfigError, ConfigWarning
 from .layers import LoraLayer, layer_type
 from .matching import default_targets, match_modules_to_save, match_targets
 from .quant import logical_numel
@@ -65,6 +67,8 @@ def build(model: nn.Module, config=None, adapter: str = "default", strict: bool 
     targets = match_targets(model, config, strict=strict)
     cls = adapter_class(config)
     bases = [(name, _base(model.get_submodule(name))) for name in targets]
+    if isinstance(config, LoraConfig) and not quiet_checks_on():
+        _warn_rank_above_width(config, bases)
     shared = cls.prepare(config, model, bases)
     objects = [(name, cls.create(config, base, layer_type(base), name, shared)) for name, base in bases]
     if getattr(config, "init", None) == "loftq":  # A, B fitted to the bases' rounding error (quant/loftq.py)
@@ -120,6 +124,25 @@ def trainable_parameters(model: nn.Module, verbose: bool = True) -> TrainableCou
     if verbose:
         print(count)
     return count
+
+
+def _warn_rank_above_width(config: LoraConfig, bases: list[tuple[str, nn.Module]]) -> None:
+    """B·A has rank at most min(in, out): ranks above a layer's width are parameters that add nothing."""
+    over = []
+    for name, base in bases:
+        r = config.rank_for(name)
+        a_shape, b_shape = layer_type(base).factor_shapes(base, r)
+        width = min(math.prod(a_shape[1:]), b_shape[0])  # A is (r, in, ...), B is (out, r, ...)
+        if r > width:
+            over.append((name, r, width))
+    if not over:
+        return
+    shown = ", ".join(f"{name} (r={r}, min(in, out) = {width})" for name, r, width in over[:3])
+    more = f" and {len(over) - 3} more" if len(over) > 3 else ""
+    leaves = {name.rsplit(".", 1)[-1]: width for name, _, width in over}
+    warnings.warn(f"r is above the layer's width on {len(over)} layer(s): {shown}{more}; B·A cannot have rank above "
+                  f"min(in, out), so the extra ranks only add parameters: lower r or set rank_pattern={leaves}",
+                  ConfigWarning, stacklevel=3)
 
 
 def _base(module: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import slots
 from .adapters import delete_adapter
+from .config import quiet_config_checks
 from .errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
@@ -416,7 +417,8 @@ def prepare_adapter(model: nn.Module, files: AdapterFiles, tensors: dict[str, to
     """Build the adapter's objects and, for a file of layer factors only, copy them in and write them into free
     per-row slots of the layers the model already wraps; nothing on the model changes (its module tree is read)."""
     try:
-        built = build(model, files.config, adapter)
+        with quiet_config_checks():  # a file's rank was chosen when it was trained: not the loader's mistake
+            built = build(model, files.config, adapter)
     except TargetModulesNotFoundError as e:
         raise IncompatibleAdapterError(f"adapter {str(files.path)!r} does not fit this {type(model).__name__}: {e}") from None
     prepared = PreparedAdapter(files, tensors, adapter, built, trainable, slot_capacity)

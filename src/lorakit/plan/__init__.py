@@ -1,5 +1,5 @@
 """The memory planner: how much memory full fine-tuning, LoRA and QLoRA need, and serving N adapters, from a config."""
 
-from .planner import MemoryPlan, MethodMemory, ServingMemory, plan_memory
+from .planner import MemoryPlan, MethodMemory, ServingMemory, plan_memory, replan
 
-__all__ = ["plan_memory", "MemoryPlan", "MethodMemory", "ServingMemory"]
+__all__ = ["plan_memory", "replan", "MemoryPlan", "MethodMemory", "ServingMemory"]

@@ -21,7 +21,7 @@ def layer_params(in_features: int, out_features: int, rank: int) -> tuple[int, f
     """LoRA parameters on one Linear(in, out) at this rank, and their share of the layer's own weight (in %)."""
     with torch.device("meta"):
         model = nn.Sequential(OrderedDict(proj=nn.Linear(in_features, out_features, bias=False)))
-    inject(model, LoraConfig(r=rank, target_modules=["proj"]))
+    inject(model, LoraConfig(r=rank, alpha=2 * rank, target_modules=["proj"]))  # alpha: any sane value, counts only
     trainable = trainable_parameters(model, verbose=False).trainable
     return trainable, 100.0 * trainable / (in_features * out_features)
 
@@ -31,7 +31,7 @@ def params_per_leaf(model_or_config) -> dict[str, int]:
     i.e. LoRA's parameter count at r = 1 (a rank-r adapter on that name has r times as many)."""
     model = build_meta_model(load_config(model_or_config))
     per_leaf: dict[str, int] = {}
-    for a in count_adapter(model, LoraConfig(r=1, target_modules="all-linear")).modules:
+    for a in count_adapter(model, LoraConfig(r=1, alpha=2, target_modules="all-linear")).modules:
         per_leaf[a.leaf] = per_leaf.get(a.leaf, 0) + a.in_features + a.out_features
     return per_leaf
 

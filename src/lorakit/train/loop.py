@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import trainable_parameters
 from ..device import check_bf16, describe, model_device, to_device
+from ..config import check_dropout_for_data
 from ..errors import ConfigError
 from ..files import atomic_write_json, atomic_write_text
 from ..hf import BUILTIN, load_base_model, load_tokenizer, resolve_base
@@ -73,6 +74,8 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     tokenizer = load_tokenizer(config.base)
     train_set, eval_set, skipped = _load_data(config, tokenizer, say)
     config = _steps_from_epochs(config, len(train_set), world, say)
+    if world.is_main and config.method != "full":
+        check_dropout_for_data(config.dropout, len(train_set))
     if config.resume:
         check_resume_step(out, config.max_steps)
     model = _load_model(config, train_set.label_names, world)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import LoraConfig
+from ..config import LoraConfig, quiet_config_checks
 from ..errors import ConfigError
 from ..layers import LoraAdapter
 from .adalora import AdaLoraAdapter, AdaLoraConfig
@@ -39,4 +39,5 @@ def config_from_peft(d: dict[str, Any]):
     cls = CONFIGS.get(peft_type)
     if cls is None:
         raise ConfigError(f"peft_type is {peft_type!r}; lorakit loads {', '.join(sorted(CONFIGS))} adapters")
-    return cls.from_peft_dict(d)
+    with quiet_config_checks():  # an adapter file was trained already: its alpha/r is not a mistake to warn about now
+        return cls.from_peft_dict(d)
