@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 SCORE = {"causal-lm": ("exact_match", "exact match"), "classify": ("accuracy", "accuracy")}
+STEP_HEADER = "step time, median (wall / CPU)"
 METHOD_ORDER = ["LoRA", "full FT", "DoRA", "VeRA", "AdaLoRA", "PiSSA", "QLoRA", "QLoRA + LoftQ"]
 
 
@@ -42,6 +43,7 @@ def _summary(m: dict, task: str) -> dict:
         "score": m["final"].get(key), "eval_loss": m["final"].get("eval_loss"), "f1_macro": m["final"].get("f1_macro"),
         "trainable_params": m["trainable_params"], "total_params": m["total_params"],
         "step_seconds_mean": m.get("step_seconds_mean"), "step_seconds_median": m.get("step_seconds_median"),
+        "step_cpu_seconds_median": m.get("step_cpu_seconds_median"),
         "peak_memory_bytes": m.get("peak_memory_bytes"), "peak_memory_measure": m.get("peak_memory_measure"),
         "seconds": m.get("seconds"), "steps": m.get("steps"), "stopped_reason": m.get("stopped_reason"),
         "diagnostics": m.get("diagnostics", []), "method": m.get("method", config.get("method", "lora")),
@@ -158,8 +160,10 @@ def _params(r: Row) -> str:
     return f"{e['trainable_params']:,} ({100 * e['trainable_params'] / e['total_params']:.3g}%)"
 
 
-def _seconds(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f} s"
+def _step(r: Row) -> str:
+    """Median seconds per step, wall clock and CPU (CPU time does not count waiting for a shared core)."""
+    wall, cpu = r.mean("step_seconds_median"), r.mean("step_cpu_seconds_median")
+    return "–" if wall is None else f"{wall:.2f} s / {cpu:.2f} s" if cpu is not None else f"{wall:.2f} s / –"
 
 
 def _gib(v: float | None) -> str:
@@ -173,9 +177,9 @@ def _table(header: list[str], lines: list[list[str]]) -> str:
 
 
 def cost_table(rows: list[Row], first: str, metric: str, before: list[list[str]] = ()) -> str:
-    lines = [*before] + [[r.label, _params(r), _score_cell(r), _num(r.mean("eval_loss")),
-                          _seconds(r.mean("step_seconds_median")), _gib(r.mean("peak_memory_bytes"))] for r in rows]
-    return _table([first, "trainable params", f"held-out {metric}", "eval loss", "step time (median)", "peak memory"], lines)
+    lines = [*before] + [[r.label, _params(r), _score_cell(r), _num(r.mean("eval_loss")), _step(r),
+                          _gib(r.mean("peak_memory_bytes"))] for r in rows]
+    return _table([first, "trainable params", f"held-out {metric}", "eval loss", STEP_HEADER, "peak memory"], lines)
 
 
 def _num(v: float | None) -> str:
@@ -342,7 +346,7 @@ def plots(data: dict, folder: Path) -> dict[str, Path]:
     if pairs:
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.4), dpi=120)
         for ax, (key, title, scale) in zip(axes, (("score", "held-out score (%)", 100),
-                                                  ("step_seconds_median", "seconds per step", 1),
+                                                  ("step_cpu_seconds_median", "CPU seconds per step", 1),
                                                   ("peak_memory_bytes", "peak memory (GiB)", 2**-30))):
             labels, values, colors = [], [], []
             for table, lo, fu in pairs:
@@ -422,8 +426,10 @@ def render(data: dict, images: dict[str, str]) -> str:
         "",
         f"**Machine.** {m.get('cpu', m.get('machine'))}, {m.get('cpus')} cores shared with other work, torch "
         f"{m.get('torch')}, commit {m.get('commit')}. Step times are medians over the 60 optimizer steps "
-        "(evaluation and checkpoints excluded); they are noisy when other jobs share the cores. Peak memory is "
-        "the process's peak RSS over its whole life (model loading and evaluation included).",
+        "(evaluation and checkpoints excluded), in wall-clock time and in CPU time of the (single-threaded) "
+        "process; other jobs shared the cores, so wall-clock time includes waiting for a core and CPU time is "
+        "the one to compare. Peak memory is the process's peak RSS over its whole life (model loading and "
+        "evaluation included).",
         "",
         "## Headline: base vs LoRA vs full fine-tuning",
         "",
@@ -437,9 +443,9 @@ def render(data: dict, images: dict[str, str]) -> str:
     out += ["## The write-ups' claims, checked", "", _table(["claim", "here", "measured"], claims_rows(data)), ""]
     out += ["## Per method", "", "The table the README shows; variant rows fill in when `lorakit train` accepts "
             "their flags and the study is run again.", "",
-            _table(["method", "trainable params", "held-out exact match", "step time (median)", "peak memory", "state"],
-                   [[r.label, _params(r), _score_cell(r), _seconds(r.mean("step_seconds_median")),
-                     _gib(r.mean("peak_memory_bytes")), r.status] for r in rows_of(data, "method")]), ""]
+            _table(["method", "trainable params", "held-out exact match", STEP_HEADER, "peak memory", "state"],
+                   [[r.label, _params(r), _score_cell(r), _step(r), _gib(r.mean("peak_memory_bytes")), r.status]
+                    for r in rows_of(data, "method")]), ""]
     sections = [
         ("Rank (all linear layers, α = 2r)", "rank", "r", "rank"),
         ("Targets at matched trainable parameters", "targets", "targets", None),

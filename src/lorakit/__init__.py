@@ -18,13 +18,14 @@ from .inject import inject, trainable_parameters
 from .io import load_adapter, read_adapter_config, save_adapter
 from .layers import LoraLayer
 from .merge import merge, merge_and_unload, unload, unmerge
+from .train.diagnostics import diagnose_run as diagnose
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
     "set_active", "set_trainable", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
-    "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters",
+    "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters", "diagnose",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
 ]

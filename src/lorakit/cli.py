@@ -61,7 +61,8 @@ def _add_later_commands(sub) -> None:
     """Subcommands that live in their own packages (train/, serve/), registered if importable."""
     import importlib
 
-    for module, name in (("lorakit.train.cli", "train"), ("lorakit.train.generate_cli", "generate"), ("lorakit.serve.cli", "serve")):
+    for module, name in (("lorakit.train.cli", "train"), ("lorakit.train.generate_cli", "generate"), ("lorakit.serve.cli", "serve"),
+                         ("lorakit.train.diagnose_cli", "diagnose")):
         try:
             mod = importlib.import_module(module)
         except ImportError:

@@ -72,7 +72,7 @@ def test_a_killed_cell_resumes_from_its_checkpoint(study):
 def entry(score, params=500, total=100_000, memory=2**30, step=1.0, **rows):
     return {"status": "done", "task": "causal-lm", "seed": 0, "flags": "", "rows": rows, "score": score,
             "trainable_params": params, "total_params": total, "peak_memory_bytes": memory,
-            "step_seconds_median": step, "eval_examples": 120, "eval_loss": 0.3}
+            "step_seconds_median": step, "step_cpu_seconds_median": step, "eval_examples": 120, "eval_loss": 0.3}
 
 
 def test_verdicts_come_from_the_numbers():
