@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the cells and their state")
     p.add_argument("--keep-weights", action="store_true", help="keep checkpoints and full-model weights of finished cells")
     args = p.parse_args(argv)
+    # `kill PID` unwinds like Ctrl-C: the lock is released, and the running cell dies with the runner (its
+    # checkpoints stay, so the next run resumes it).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cells = [c for c in CELLS if not args.only or c.name in args.only]
     if args.only and len(cells) != len(args.only):
         raise SystemExit(f"unknown cell(s): {sorted(set(args.only) - {c.name for c in CELLS})}")
