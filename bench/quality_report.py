@@ -170,8 +170,10 @@ def _gib(v: float | None) -> str:
     return "–" if v is None else f"{v / 2**30:.2f} GiB"
 
 
-def _table(header: list[str], lines: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(header))) + "|"]
+def _table(header: list[str], lines: list[list[str]], numbers: bool = True) -> str:
+    """A Markdown table: the first column left-aligned, the others right-aligned when they hold numbers."""
+    rule = [" --- " if i == 0 or not numbers else " ---: " for i in range(len(header))]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
     out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
     return "\n".join(out)
 
@@ -440,7 +442,7 @@ def render(data: dict, images: dict[str, str]) -> str:
     out += [cost_table(rows_of(data, "headline"), "causal LM (word → category)", "exact match", before), ""]
     if images.get("lora_vs_full"):
         out += [f"![LoRA vs full fine-tuning]({images['lora_vs_full']})", ""]
-    out += ["## The write-ups' claims, checked", "", _table(["claim", "here", "measured"], claims_rows(data)), ""]
+    out += ["## The write-ups' claims, checked", "", _table(["claim", "here", "measured"], claims_rows(data), numbers=False), ""]
     out += ["## Per method", "", "The table the README shows; variant rows fill in when `lorakit train` accepts "
             "their flags and the study is run again.", "",
             _table(["method", "trainable params", "held-out exact match", STEP_HEADER, "peak memory", "state"],
@@ -479,7 +481,7 @@ def render(data: dict, images: dict[str, str]) -> str:
         out += ["## Learning-rate curves", "", f"![learning rate]({images['lr']})", ""]
     out += ["## Every cell", "", "Reproduce one: `lorakit train --threads 1 --split-seed 0 --seed S` plus its flags "
             "(`--config no_base.json` only switches the base evaluation off).", "",
-            _table(["cell", "task", "seed", "flags", "state", "score", "notes"], [
+            _table(["cell", "task", "seed", "flags", "state", "score", "notes"], numbers=False, lines=[
                 [name, e["task"], e["seed"], f"`{e['flags']}`" if e["flags"] else "(demo)", e["status"],
                  _pct(e.get("score")), _cell_note(e)] for name, e in cells.items()]), ""]
     return "\n".join(out)

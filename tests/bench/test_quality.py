@@ -26,47 +26,43 @@ def study(lm_dir, tmp_path):
     return tmp_path / "results", tmp_path / "docs" / "quality.md", extra
 
 
-def test_runner_runs_cells_skips_done_ones_and_marks_pending(study, monkeypatch):
+def test_runner_runs_cells_resumes_skips_and_marks_pending(study, monkeypatch):
     results, doc, extra = study
     cells = [Cell("lora", "--rank 2 --alpha 4", {"headline": "LoRA r=8", "method": "LoRA"}, base=True),
              Cell("full", "--method full", {"headline": "full FT", "method": "full FT"}),
              Cell("dora", "--method dora-someday", {"method": "DoRA"})]
     (results / "cells" / "full").mkdir(parents=True)
     (results / "cells" / "full" / "stale.txt").write_text("killed before its first checkpoint")
-    states = quality.run_study(cells, results, doc, extra, say=lambda *a: None)
+    states = quality.run_study(cells, results, doc, extra, keep_weights=True, say=lambda *a: None)
     assert states == {"lora": "done", "full": "done", "dora": "pending"}
     assert not (results / "cells" / "full" / "stale.txt").exists()  # restarted from scratch
-    assert not (results / "cells" / "full" / "checkpoints").exists()  # pruned once finished
     data = json.loads(doc.with_suffix(".json").read_text())
     lora, full = data["cells"]["lora"], data["cells"]["full"]
     assert lora["base_score"] is not None and full.get("base_score") is None  # base evaluated once
     assert full["method"] == "full" and full["trainable_params"] == full["total_params"]
     assert lora["trainable_params"] < full["trainable_params"] and lora["peak_memory_bytes"] > 0
+    assert lora["step_cpu_seconds_median"] > 0
     assert data["cells"]["dora"]["status"] == "pending" and "dora-someday" in data["cells"]["dora"]["reason"]
     text = doc.read_text()
     assert "| base model (no training) |" in text and "| DoRA |" in text and "pending" in text
     assert (doc.parent / "quality" / "lora_vs_full.png").read_bytes()[:4] == b"\x89PNG"
+
+    # killed after its step-2 checkpoint: the next run resumes it and ends where a straight run ended
+    out = results / "cells" / "lora"
+    before = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    assert quality.run_study(cells[:2], results, doc, extra, say=lambda *a: None) == {"lora": "done", "full": "done"}
+    assert "resumed from" in (results / "logs" / "lora.log").read_text()
+    assert json.loads((out / "metrics.json").read_text())["train_loss"] == before["train_loss"]
+    assert json.loads((results / "records" / "lora.json").read_text())["resumed"] is True
+    assert not (out / "checkpoints").exists()  # pruned once finished (without --keep-weights)
 
     def no_run(*a, **k):
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr(subprocess, "Popen", no_run)
     assert quality.run_study(cells[:2], results, doc, extra, say=lambda *a: None) == {"lora": "done", "full": "done"}
-
-
-def test_a_killed_cell_resumes_from_its_checkpoint(study):
-    results, doc, extra = study
-    cell = Cell("lr", "--lr 1e-2", {"lr": 1e-2})
-    quality.run_study([cell], results, doc, extra, keep_weights=True, say=lambda *a: None)
-    out = results / "cells" / "lr"
-    before = json.loads((out / "metrics.json").read_text())
-    (out / "metrics.json").unlink()  # as if killed after the step-2 checkpoint
-    shutil.rmtree(out / "checkpoints" / "step-000004")
-    assert quality.run_study([cell], results, doc, extra, say=lambda *a: None) == {"lr": "done"}
-    assert "resumed from" in (results / "logs" / "lr.log").read_text()
-    after = json.loads((out / "metrics.json").read_text())
-    assert after["train_loss"] == before["train_loss"]
-    assert json.loads((results / "records" / "lr.json").read_text())["resumed"] is True
 
 
 def entry(score, params=500, total=100_000, memory=2**30, step=1.0, **rows):
