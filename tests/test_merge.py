@@ -6,7 +6,7 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import MergeStateError
-from lorakit.inject import lora_layers
+from lorakit.state import lora_layers
 
 from .conftest import load, randomise_lora
 

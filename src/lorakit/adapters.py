@@ -1,19 +1,23 @@
-"""Many named adapters on one base: choose the active one (or a weighted mix), delete, or disable them all."""
+"""Many named adapters on one base: choose the active one (or a weighted mix, or one per row of a batch),
+choose which one trains, delete, or disable them all."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, Sequence
 
+import torch
 from torch import nn
 
+from . import rows
 from .errors import AdapterNotFoundError, MergeStateError
-from .inject import get_state, inject, lora_layers, mark_trainable, save_wrappers
 from .layers import ActiveAdapter
+from .rows import MixedBatchError
+from .state import get_state, lora_layers, save_wrappers
 
 AdapterChoice = str | Sequence[str] | Sequence[tuple[str, float]] | dict[str, float]
-
-add_adapter = inject  # the same operation under the name people look for
+RowNames = Sequence[str | None]
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -31,9 +35,8 @@ def set_active(model: nn.Module, adapters: AdapterChoice) -> None:
 
     Only each layer's list of active names changes; no weight is copied.
     """
-    state = get_state(model)
     chosen = _parse_choice(adapters)
-    known = list(state.configs) if state else []
+    known = list_adapters(model)
     for a in chosen:
         if a.name not in known:
             raise AdapterNotFoundError(f"no adapter named {a.name!r}; the model has: {known or 'none'}")
@@ -54,18 +57,38 @@ def apply_active(model: nn.Module, chosen: list[ActiveAdapter]) -> None:
 
 def set_trainable(model: nn.Module, adapter: str) -> None:
     """Make `adapter` the one whose parameters train (all others, and the base, frozen)."""
-    _require(model, adapter)
+    require(model, adapter)
     mark_trainable(model, adapter)
+
+
+def mark_trainable(model: nn.Module, adapter: str) -> None:
+    """Freeze everything, then unfreeze `adapter`'s parameters, its saved-module copies and the biases its config asks for."""
+    config = get_state(model).configs[adapter]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        if adapter in layer.adapters:
+            for p in layer.adapters[adapter].parameters():  # a variant's frozen tensors are buffers, not parameters
+                p.requires_grad_(True)
+            if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+    for _, wrapper in save_wrappers(model):
+        if adapter in wrapper.modules_to_save:
+            wrapper.modules_to_save[adapter].requires_grad_(True)
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and ".original_module." not in name:
+                p.requires_grad_(True)
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove `adapter` from every layer; layers left with no adapter keep their LoRA wrapper."""
-    state = _require(model, adapter)
+    state = require(model, adapter)
     if any(a.name == adapter for _, layer in lora_layers(model) for a in layer.merged):
         raise MergeStateError(f"adapter {adapter!r} is merged into the weights; call lorakit.unmerge(model) first")
     for _, layer in lora_layers(model):
         if adapter in layer.adapters:
-            del layer.adapters[adapter]
+            layer.remove_adapter(adapter)
     for _, wrapper in save_wrappers(model):
         if adapter in wrapper.modules_to_save:
             del wrapper.modules_to_save[adapter]
@@ -98,7 +121,8 @@ def is_merged(model: nn.Module) -> bool:
     return any(layer.merged for _, layer in lora_layers(model))
 
 
-def _require(model: nn.Module, adapter: str):
+def require(model: nn.Module, adapter: str):
+    """The model's state, after checking that it holds `adapter`."""
     state = get_state(model)
     if state is None or adapter not in state.configs:
         raise AdapterNotFoundError(f"no adapter named {adapter!r}; the model has: {list_adapters(model) or 'none'}")
@@ -118,3 +142,110 @@ def _parse_choice(adapters: AdapterChoice) -> list[ActiveAdapter]:
             name, weight = item
             chosen.append(ActiveAdapter(name, float(weight)))
     return chosen
+
+
+# --- one adapter per row -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, names: RowNames) -> Iterator[nn.Module]:
+    """Inside this block, row i of every batch that `model` computes runs adapter `names[i]` (None: the base).
+
+        with adapter_rows(model, ["chat", None, "code"]):      # or model(ids, adapter_names=[...])
+            logits = model(ids).logits                        # row 1 is the pure base
+
+    Applies to the LoRA layers run in this thread (or asyncio task); a batch of k·len(names) rows
+    (generate's beams or return sequences) repeats each name k times in a row. Inference only.
+    """
+    with rows.use_plan(check_names(model, names)):
+        yield model
+
+
+def check_names(model: nn.Module, names: RowNames) -> tuple[str | None, ...]:
+    """`names` as a tuple, after checking each is None or an adapter `model` holds and can run per row."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
+        raise MixedBatchError(f"adapter_names must be a non-empty list with one adapter name (or None) per row, got {names!r}")
+    state = get_state(model)
+    known = list(state.configs) if state else []
+    for i, name in enumerate(names):
+        if name is None:
+            continue
+        if not isinstance(name, str):
+            raise MixedBatchError(f"adapter_names[{i}] must be an adapter name or None, got {name!r}")
+        if name not in known:
+            raise AdapterNotFoundError(f"no adapter named {name!r} (row {i}); the model has: {known or 'none'}")
+    for name in dict.fromkeys(n for n in names if n is not None):
+        if state.configs[name].modules_to_save and any(name in w.modules_to_save for _, w in save_wrappers(model)):
+            raise MixedBatchError(
+                f"adapter {name!r} trains its own copy of {state.configs[name].modules_to_save}, which one shared "
+                "forward cannot switch per row; run its rows in their own batch with lorakit.set_active"
+            )
+    return tuple(names)
+
+
+class AdapterNamesKeyword:
+    """Stands in for `model.forward` or `model.generate`: adds `adapter_names=[...]` and otherwise calls
+    what it replaced. An object, not a closure, so deepcopy and pickle carry it to the copied model."""
+
+    def __init__(self, model: nn.Module, attr: str, inner=None):
+        self.model, self.attr = model, attr
+        self.inner = inner  # an instance-level forward that was there before (e.g. accelerate's hook), else None
+        self._signature = None
+
+    def _target(self):
+        return self.inner if self.inner is not None else getattr(type(self.model), self.attr).__get__(self.model)
+
+    def __call__(self, *args, adapter_names: RowNames | None = None, **kwargs):
+        fn = self._target()
+        if adapter_names is None:
+            return fn(*args, **kwargs)
+        names = check_names(self.model, adapter_names)
+        n_rows = _batch_rows(args, kwargs)
+        if n_rows is not None and n_rows != len(names):
+            raise MixedBatchError(f"adapter_names has {len(names)} names for a batch of {n_rows} rows; pass one per row")
+        with rows.use_plan(names):
+            return fn(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The replaced method's signature plus `adapter_names` (transformers reads forward's parameters)."""
+        if self._signature is None:
+            sig = inspect.signature(self._target())
+            params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+            params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+            params += [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+            self._signature = sig.replace(parameters=params)
+        return self._signature
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: the signature is recomputed on demand
+        return {**self.__dict__, "_signature": None}
+
+    def __repr__(self) -> str:
+        return f"<{self.attr} of {type(self.model).__name__} with adapter_names=>"
+
+
+def install_adapter_names(model: nn.Module) -> None:
+    """Give `model.forward` (and `model.generate`, if it has one) the `adapter_names=` keyword. Idempotent."""
+    for attr in ("forward", "generate"):
+        current = model.__dict__.get(attr)
+        if isinstance(current, AdapterNamesKeyword) or not callable(getattr(model, attr, None)):
+            continue
+        model.__dict__[attr] = AdapterNamesKeyword(model, attr, current)
+
+
+def uninstall_adapter_names(model: nn.Module) -> None:
+    """Put back what `install_adapter_names` replaced (e.g. after `lorakit.unload`)."""
+    for attr in ("forward", "generate"):
+        current = model.__dict__.get(attr)
+        if isinstance(current, AdapterNamesKeyword):
+            if current.inner is None:
+                del model.__dict__[attr]
+            else:
+                model.__dict__[attr] = current.inner
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> int | None:
+    for value in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[0]
+    return None

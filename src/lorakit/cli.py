@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import LorakitError
+
+# Subcommands that live in their own packages, with the extra that installs what they need.
+LATER_COMMANDS = (("lorakit.train.cli", "train", "train"), ("lorakit.train.generate_cli", "generate", "train"),
+                  ("lorakit.serve.cli", "serve", "serve"), ("lorakit.train.diagnose_cli", "diagnose", "train"))
+
 
 def _inspect(args) -> int:
     from .inspect import inspect_adapter
@@ -20,7 +26,7 @@ def _inspect(args) -> int:
 def _merge(args) -> int:
     from .merge_cli import merge_to_directory
 
-    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype)
+    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged model written to {args.out}")
     return 0
 
@@ -28,25 +34,31 @@ def _merge(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    result = run_demo(steps=args.steps)
-    return 0 if result["reload_max_diff"] < 1e-5 and result["merged_max_diff"] < 1e-4 else 1
+    return 0 if run_demo(steps=args.steps)["ok"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, inspect, merge, serve.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="show an adapter's rank, alpha, targets, size and effective rank")
+    p = sub.add_parser("inspect", help="show an adapter's rank, alpha, targets, size and effective rank",
+                       description="Show an adapter's rank, alpha, targets, parameter count, file size and, per "
+                                   "layer, how much of its rank the update really uses.")
     p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--layers", action="store_true", help="also list every layer")
     p.add_argument("--fast", action="store_true", help="skip the per-layer SVD")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("merge", help="fold an adapter into its base and write a plain model")
-    p.add_argument("--base", required=True, help="base model directory")
+    p = sub.add_parser("merge", help="fold an adapter into its base and write a plain model",
+                       description="Fold an adapter into its base model and write a plain model directory "
+                                   "(loads with from_pretrained, serves anywhere) in the base's own dtype.")
+    p.add_argument("--base", required=True, help="base model directory, or 'builtin'")
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory for the merged model")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="dtype to load and save in")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="dtype to load, merge and save in (default: merge in fp32, save in the base's stored dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("demo", help="inject, train, save, reload and merge on a tiny built-in model")
@@ -58,21 +70,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_later_commands(sub) -> None:
-    """Subcommands that live in their own packages (train/, serve/), registered if importable."""
+    """Subcommands from train/ and serve/. One whose module fails to import is still listed, and says why."""
     import importlib
 
-    for module, name in (("lorakit.train.cli", "train"), ("lorakit.train.generate_cli", "generate"), ("lorakit.serve.cli", "serve"),
-                         ("lorakit.train.diagnose_cli", "diagnose")):
+    for module, name, extra in LATER_COMMANDS:
         try:
             mod = importlib.import_module(module)
-        except ImportError:
+        except ImportError as e:
+            _add_unavailable(sub, name, module, extra, e)
             continue
         mod.add_parser(sub)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .errors import LorakitError
+def _add_unavailable(sub, name: str, module: str, extra: str, error: ImportError) -> None:
+    reason = f"importing {module} failed: {type(error).__name__}: {error}"
+    # No option prefix: whatever the user typed after the command is taken as is, and the reason is shown.
+    p = sub.add_parser(name, help=f"(unavailable: {reason})", add_help=False, prefix_chars="\0")
+    p.add_argument("rest", nargs="*")
 
+    def unavailable(args) -> int:
+        raise LorakitError(f"{reason}. Install what it needs with: pip install 'lorakit[{extra}]'")
+
+    p.set_defaults(func=unavailable)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    parts = []
+    for package in ("torch", "transformers"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            pass
+    return f"lorakit {__version__} ({', '.join(parts)})"
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

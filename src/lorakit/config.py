@@ -11,7 +11,8 @@ from .errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "lora_only", "all")
-INIT_MODES = ("kaiming", "gaussian")
+INIT_MODES = ("kaiming", "gaussian", "pissa", "olora")  # plus "pissa_niter_N" (PiSSA by randomised SVD)
+_PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
 
 # Used when target_modules is None: the attention projections PEFT also picks for these families.
 DEFAULT_TARGETS = {
@@ -60,8 +61,8 @@ class LoraConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init not in INIT_MODES:
-            raise ConfigError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.init not in INIT_MODES and not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
+            raise ConfigError(f"init must be one of {INIT_MODES} or 'pissa_niter_N' (N ≥ 1), got {self.init!r}")
         self.target_modules = _normalise_names("target_modules", self.target_modules)
         self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
         if isinstance(self.target_modules, list) and not self.target_modules:
@@ -74,6 +75,11 @@ class LoraConfig:
             self.modules_to_save = [self.modules_to_save]
         if self.task_type == "SEQ_CLS":  # as PEFT does: a new classification head must be trained in full
             self.modules_to_save = list(dict.fromkeys((self.modules_to_save or []) + ["classifier", "score"]))
+
+    @property
+    def method(self) -> str:
+        """Which adapter class this config builds (lorakit.variants.ADAPTERS)."""
+        return "lora"
 
     def rank_for(self, module_name: str) -> int:
         return int(_pattern_value(self.rank_pattern, module_name, self.r))
@@ -109,7 +115,7 @@ class LoraConfig:
             "use_dora": False,
             "bias": self.bias,
             "fan_in_fan_out": False,
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "init_lora_weights": True if self.init == "kaiming" else self.init,
             "inference_mode": True,
             "revision": None,
         }
@@ -138,13 +144,24 @@ class LoraConfig:
             modules_to_save=d.get("modules_to_save"),
             rslora=bool(d.get("use_rslora", False)),
             bias=d.get("bias") or "none",
-            init="gaussian" if init == "gaussian" else "kaiming",
+            init=_init_from_peft(init),
             task_type=d.get("task_type"),
             base_model_name_or_path=d.get("base_model_name_or_path"),
         )
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _init_from_peft(value: Any) -> str:
+    """PEFT's init_lora_weights → ours. `True`/`False` both mean random A (False also makes B random in PEFT, for
+    tests only; the file's trained B is loaded over it either way)."""
+    if value in (True, False, None):
+        return "kaiming"
+    if value in INIT_MODES or (isinstance(value, str) and _PISSA_NITER.fullmatch(value)):
+        return value
+    raise ConfigError(f"init_lora_weights={value!r} is an initialisation lorakit does not support; "
+                      f"supported: True, {', '.join(repr(m) for m in INIT_MODES[1:])}, 'pissa_niter_N'")
 
 
 def _check_positive_int(name: str, value: Any) -> None:

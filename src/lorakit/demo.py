@@ -23,7 +23,7 @@ def tiny_llama_dir(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def run_demo(steps: int = 60) -> dict[str, float]:
+def run_demo(steps: int = 60) -> dict[str, float | bool]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = tiny_llama_dir(Path(tmp) / "base")
@@ -66,6 +66,6 @@ def run_demo(steps: int = 60) -> dict[str, float]:
     print(f"loss on the training sequences: base {result['base_loss']:.3f} -> adapted {result['trained_loss']:.3f}")
     print(f"max |logit difference|: reloaded vs trained {result['reload_max_diff']:.2e}, "
           f"merged vs unmerged {result['merged_max_diff']:.2e}, after unmerge {result['unmerge_max_diff']:.2e}")
-    ok = result["reload_max_diff"] < 1e-5 and result["merged_max_diff"] < 1e-4 and result["trained_loss"] < base_loss
-    print(("OK" if ok else "MISMATCH") + f": round trip done in {result['seconds']:.1f}s")
+    result["ok"] = result["reload_max_diff"] < 1e-5 and result["merged_max_diff"] < 1e-4 and result["trained_loss"] < base_loss
+    print(("OK" if result["ok"] else "MISMATCH") + f": round trip done in {result['seconds']:.1f}s")
     return result

@@ -13,6 +13,14 @@ class TargetModulesNotFoundError(LorakitError, ValueError):
     """`target_modules` matched no module of the model."""
 
 
+class BaseModelError(LorakitError, ValueError):
+    """A base model path that is missing, not a model directory, or lacks the files a command needs."""
+
+
+class ChatTemplateError(LorakitError, ValueError):
+    """A conversation that the tokenizer's chat template cannot render (or a tokenizer without a template)."""
+
+
 class AdapterNotFoundError(LorakitError, KeyError):
     """An adapter name that the model does not hold."""
 

@@ -1,4 +1,8 @@
-"""Atomic writes: a file or a directory appears whole or not at all (temp file + fsync + rename)."""
+"""Atomic writes: a file or a directory appears whole or not at all (temp file + fsync + rename).
+
+Temp files and directories are created private (0600/0700); before the rename they get the permissions a
+plain `open()`/`mkdir()` would have given them under the process's umask, so results are readable as usual.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -50,6 +55,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        set_default_permissions(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -61,3 +67,29 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def set_default_permissions(root: str | os.PathLike) -> None:
+    """Give `root` and everything below it the modes plain creation would (files 0666, dirs 0777, less the umask)."""
+    mask = umask()
+    root = Path(root)
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(Path(dirpath) / name, 0o777 & ~mask)
+        for name in filenames:
+            os.chmod(Path(dirpath) / name, 0o666 & ~mask)

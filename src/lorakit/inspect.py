@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .io import CONFIG_NAME, WEIGHTS_NAME, _LORA_KEY, _strip_prefix, read_adapter_config, read_adapter_tensors
+from .io import CONFIG_NAME, WEIGHTS_NAME, split_factor_key, read_adapter_config, read_adapter_tensors
+from .variants import adapter_class
 
 
 @dataclass
@@ -22,6 +23,7 @@ class LayerReport:
 @dataclass
 class AdapterReport:
     path: str
+    method: str  # lora, dora, vera, adalora
     r: int
     alpha: float
     scale: float
@@ -33,16 +35,18 @@ class AdapterReport:
     file_bytes: int
     dtypes: list[str]
     layers: list[LayerReport] = field(default_factory=list)
+    num_layers: int = 0  # adapted modules, also known when the per-layer SVD is skipped
 
     def format(self) -> str:
         lines = [
             f"adapter        {self.path}",
+            f"method         {self.method}",
             f"base model     {self.base_model or 'unknown'}",
             f"task           {self.task_type or 'unknown'}",
             f"rank r         {self.r}",
             f"alpha          {self.alpha:g}  (scale {self.scale:g}{', rsLoRA' if self.rslora else ''})",
             f"targets        {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}",
-            f"layers         {len(self.layers)}",
+            f"layers         {self.num_layers}",
             f"parameters     {self.num_parameters:,}",
             f"file size      {_human(self.file_bytes)}  ({', '.join(self.dtypes)})",
         ]
@@ -55,24 +59,25 @@ class AdapterReport:
 def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterReport:
     path = Path(path)
     config = read_adapter_config(path)
-    tensors = _strip_prefix(read_adapter_tensors(path))
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+    tensors = read_adapter_tensors(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        m = _LORA_KEY.match(key)
-        if m:
-            factors.setdefault(m.group("module"), {})[m.group("factor")[-1]] = value
+        factor = split_factor_key(key)
+        if factor:
+            parts.setdefault(factor[0], {})[factor[1]] = value
     layers = []
     if per_layer:
-        for module, ab in sorted(factors.items()):
-            if "A" in ab and "B" in ab:
-                delta = ab["B"].float().flatten(1) @ ab["A"].float().flatten(1)
-                layers.append(_layer_report(module, delta, ab["A"].shape[0]))
+        cls = adapter_class(config)
+        for module, layer_parts in sorted(parts.items(), key=lambda item: _natural(item[0])):
+            delta = cls.delta_from_file(layer_parts, config, module)
+            layers.append(_layer_report(module, delta, config.rank_for(module)))
     return AdapterReport(
-        path=str(path), r=config.r, alpha=config.alpha, scale=config.scale_for(""), rslora=config.rslora,
+        path=str(path), method=config.method, r=config.r, alpha=config.alpha, scale=config.scale_for(""), rslora=config.rslora,
         target_modules=config.target_modules, task_type=config.task_type, base_model=config.base_model_name_or_path,
         num_parameters=sum(t.numel() for t in tensors.values()),
         file_bytes=(path / WEIGHTS_NAME).stat().st_size + (path / CONFIG_NAME).stat().st_size,
         dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}), layers=layers,
+        num_layers=len(parts),
     )
 
 
@@ -88,6 +93,11 @@ def effective_rank(delta: torch.Tensor, energy: float = 0.9) -> int:
 
 def _layer_report(module: str, delta: torch.Tensor, rank: int) -> LayerReport:
     return LayerReport(module, rank, effective_rank(delta), float(delta.norm()))
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def _human(n: int) -> str:

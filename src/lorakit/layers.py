@@ -1,13 +1,15 @@
-"""The LoRA math: a frozen base layer plus `scale · B·A`, its forward pass, and the delta that merge folds in.
+"""The LoRA math: a frozen base layer plus named adapters, each adding `scale · B·A`.
 
     y = base(x) + scale · dropout(x) Aᵀ Bᵀ,   A ∈ R^{r×in},  B ∈ R^{out×r},  scale = α/r  (α/√r for rsLoRA)
 
 B starts at zero, so an adapted model computes exactly what the base computes until B is trained.
+
+An adapter answers for itself (its output, its merge delta, its tensors' names in PEFT's files, whether the
+fused and per-row paths apply); `LoraLayer` only orchestrates. Variants (variants/) follow the same contract.
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
 from dataclasses import dataclass
 
@@ -15,54 +17,138 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rows
+from .fused import fused_linear
+
 try:  # GPT-2 style layers store their weight transposed: (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but keep the math importable alone
-    Conv1D = ()
-
-SUPPORTED_TYPES = (nn.Linear, nn.Embedding, nn.Conv2d) + ((Conv1D,) if Conv1D else ())
-
-# Set by lorakit.serve.mixed.adapter_rows: which adapter each row of the batch runs. Every LoRA layer
-# called in that context (thread or asyncio task) follows it instead of its active adapters; a context
-# variable, not a layer attribute, so threads can run different row plans on one model at once.
-MIXED_ROWS: contextvars.ContextVar = contextvars.ContextVar("lorakit_mixed_rows", default=None)
+    Conv1D = None
 
 
-def layer_kind(module: nn.Module) -> str | None:
-    """The name lorakit uses for a base layer type, or None when LoRA cannot wrap it."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if Conv1D and isinstance(module, Conv1D):
-        return "conv1d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
-        return "conv2d"
+# --- the base layers LoRA can wrap: one small object per type instead of `if kind == ...` chains ----------
+
+
+class LayerType:
+    """How LoRA attaches to one type of base layer: sizes, factor shapes, the low-rank product, the weight layout."""
+
+    name = "linear"
+    is_linear = True  # what "all-linear" selects
+    fusable = True  # fused.py's hand-written path applies
+    per_row = True  # per-row batches (rows.py) can run it
+    takes_ids = False  # its input is token ids (an embedding), not features
+    fan_in_fan_out = False  # its weight is stored (in, out), as PEFT's config flag says
+    factor_names = ("lora_A.weight", "lora_B.weight")  # PEFT's tensor names for A and B
+
+    def features(self, base: nn.Module) -> tuple[int, int]:
+        """(in_features, out_features): the sizes of A's columns and B's rows."""
+        w = base.weight
+        return w.shape[1], w.shape[0]
+
+    def factor_shapes(self, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        in_f, out_f = self.features(base)
+        return (r, in_f), (out_f, r)
+
+    def low_rank(self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """`(x Aᵀ) Bᵀ`, unscaled, in this layer's geometry."""
+        return (x @ A.T) @ B.T
+
+    def to_layout(self, base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+        """`B·A` computed as (out, in) → laid out like the base layer's own weight."""
+        return delta
+
+
+class _Conv1DType(LayerType):
+    name = "conv1d"
+    fan_in_fan_out = True
+
+    def features(self, base):
+        w = base.weight  # (in, out)
+        return w.shape[0], w.shape[1]
+
+    def to_layout(self, base, delta):
+        return delta.T
+
+
+class _EmbeddingType(LayerType):
+    name = "embedding"
+    is_linear = fusable = False
+    takes_ids = True
+    factor_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def features(self, base):
+        w = base.weight  # (vocab, dim): A looks rows up like the embedding does
+        return w.shape[0], w.shape[1]
+
+    def low_rank(self, base, x, A, B):
+        t = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return t @ B.T
+
+    def to_layout(self, base, delta):
+        return delta.T
+
+
+class _Conv2dType(LayerType):
+    name = "conv2d"
+    is_linear = fusable = False
+    per_row = False
+
+    def factor_shapes(self, base, r):
+        in_f, out_f = self.features(base)
+        return (r, in_f, *base.kernel_size), (out_f, r, 1, 1)
+
+    def low_rank(self, base, x, A, B):
+        return F.conv2d(F.conv2d(x, A, None, base.stride, base.padding, base.dilation), B)
+
+    def to_layout(self, base, delta):
+        return delta.view(base.weight.shape)
+
+
+LINEAR, CONV1D, EMBEDDING, CONV2D = LayerType(), _Conv1DType(), _EmbeddingType(), _Conv2dType()
+# Checked in order; extended by quant/ for bitsandbytes layers. Conv2d with groups > 1 is refused.
+LAYER_TYPES: list[tuple[type, LayerType]] = [(nn.Linear, LINEAR), (nn.Embedding, EMBEDDING), (nn.Conv2d, CONV2D)]
+if Conv1D is not None:
+    LAYER_TYPES.insert(1, (Conv1D, CONV1D))
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    """The LayerType of a base layer, or None when LoRA cannot wrap it."""
+    for cls, ltype in LAYER_TYPES:
+        if isinstance(module, cls):
+            return None if isinstance(module, nn.Conv2d) and module.groups != 1 else ltype
     return None
 
 
-def layer_features(module: nn.Module, kind: str) -> tuple[int, int]:
-    """(in_features, out_features) of a base layer: the sizes of A's columns and B's rows."""
-    w = module.weight
-    if kind == "linear":
-        return w.shape[1], w.shape[0]
-    if kind in ("conv1d", "embedding"):
-        return w.shape[0], w.shape[1]
-    return w.shape[1], w.shape[0]  # conv2d: (out, in, kh, kw)
+def layer_kind(module: nn.Module) -> str | None:
+    """The name of a base layer's type ("linear", "conv1d", "embedding", "conv2d"), or None."""
+    ltype = layer_type(module)
+    return ltype.name if ltype else None
+
+
+# --- one adapter ------------------------------------------------------------------------------------
 
 
 class LoraAdapter(nn.Module):
-    """One adapter's trainable factors on one layer."""
+    """Plain LoRA on one layer: trainable A and B, `ΔW = scale·B·A`.
 
-    def __init__(self, base: nn.Module, kind: str, r: int, scale: float, dropout: float, init: str):
+    The contract every variant follows (the layer, merge, io, per-row batching and training only use these):
+      factors()                 effective (A, B) with ΔW = scale·B·A (VeRA, AdaLoRA compute theirs)
+      delta_weight(layer)       scale·B·A in the base weight's layout, fp32
+      merge_into(layer, W, w)   the weight after merging at strength w into W (fp32)
+      output(layer, x, y)       the contribution added to the base output y
+      fast_forward(layer, x, w) the whole layer output by a faster route when this adapter runs alone, else None
+      row_factors(layer)        (Aᵀ, scale·Bᵀ) for per-row batches; row_column_scale(layer) for DoRA-like rescaling
+      peft_tensors(layer)       {name after the module path in PEFT's file: tensor}; load_peft_tensor() the reverse
+    """
+
+    method = "lora"
+
+    def __init__(self, base: nn.Module, ltype: LayerType, r: int, scale: float, dropout: float = 0.0,
+                 init: str = "kaiming"):
         super().__init__()
-        in_f, out_f = layer_features(base, kind)
         w = base.weight
-        # Half-precision bases train their adapters in fp32 (as PEFT does); the fp32 factors are tiny.
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        a_shape, b_shape = (r, in_f), (out_f, r)
-        if kind == "conv2d":
-            a_shape, b_shape = (r, in_f, *base.kernel_size), (out_f, r, 1, 1)
+        a_shape, b_shape = ltype.factor_shapes(base, r)
+        dtype = adapter_dtype(w.dtype)
         self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=w.device))
         self.rank, self.scale = r, float(scale)
@@ -72,136 +158,141 @@ class LoraAdapter(nn.Module):
         else:  # the default of nn.Linear, and of PEFT and the LoRA paper's code
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    @classmethod
+    def prepare(cls, config, model: nn.Module, bases: list[tuple[str, nn.Module]]):
+        """Anything the adapters of one inject() share (VeRA's projections); plain LoRA shares nothing."""
+        return None
+
+    @classmethod
+    def create(cls, config, base: nn.Module, ltype: LayerType, name: str, shared=None) -> "LoraAdapter":
+        """This method's adapter for the base layer `name`, as `config` describes it."""
+        return cls(base, ltype, config.rank_for(name), config.scale_for(name), config.dropout, config.init)
+
+    def attach(self, layer: "LoraLayer") -> None:
+        """Called once the adapter sits on `layer` (PiSSA/OLoRA move part of the base weight into it here)."""
+
+    def detach(self, layer: "LoraLayer") -> None:
+        """Called before the adapter leaves `layer`: give back what attach() took from the base."""
+
+    def base_part(self, layer: "LoraLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """The output of the part of W0 this adapter holds (PiSSA/OLoRA's s·B0·A0), added back whenever the
+        adapter is not running, so a disabled model or another adapter still sees the untouched base."""
+        return None
+
+    # -- the contract --
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_B
+
+    def delta_weight(self, layer: "LoraLayer") -> torch.Tensor:
+        A, B = (f.float() for f in self.factors())
+        return layer.type.to_layout(layer.base_layer, (B.flatten(1) @ A.flatten(1)) * self.scale)
+
+    def merge_into(self, layer: "LoraLayer", weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        return weight + self.delta_weight(layer).to(weight.device) * strength
+
+    def output(self, layer: "LoraLayer", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        A, B = self.factors()
+        if not layer.type.takes_ids:  # ids cannot be dropped out (PEFT applies no dropout to embedding lookups)
+            x = self.dropout(x.to(A.dtype))
+        return layer.type.low_rank(layer.base_layer, x, A, B) * self.scale
+
+    def fast_forward(self, layer: "LoraLayer", x: torch.Tensor, strength: float) -> torch.Tensor | None:
+        if not self.can_fuse(layer, x):
+            return None
+        A, B = self.factors()
+        base = layer.base_layer
+        return fused_linear(x, base.weight, base.bias, A, B, self.scale * strength, layer.type.fan_in_fan_out)
+
+    def can_fuse(self, layer: "LoraLayer", x: torch.Tensor) -> bool:
+        base_weight = layer.base_layer.weight
+        return (
+            layer.type.fusable
+            and (isinstance(self.dropout, nn.Identity) or not self.training)
+            and not base_weight.requires_grad
+            and self.lora_A.dtype == x.dtype == base_weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def row_factors(self, layer: "LoraLayer") -> tuple[torch.Tensor, torch.Tensor]:
+        """(Aᵀ (in, r), scale·Bᵀ (r, out)): what per-row batches stack."""
+        A, B = self.factors()
+        return A.T, B.T * self.scale
+
+    def row_column_scale(self, layer: "LoraLayer") -> torch.Tensor | None:
+        """A per-output-feature factor applied to `base(x) − bias + ΔW x` (DoRA's m/‖W'‖); None for plain LoRA."""
+        return None
+
+    def row_version(self) -> tuple:
+        """Changes whenever what row_factors/row_column_scale return changes (per-row stacks are rebuilt then)."""
+        return _tensor_versions(self._parameters.values()) + (self.scale,)
+
+    def peft_tensors(self, layer: "LoraLayer") -> dict[str, torch.Tensor]:
+        """The tensors to write, keyed by PEFT's names, for the untouched base."""
+        name_A, name_B = layer.type.factor_names
+        return {name_A: self.lora_A, name_B: self.lora_B}
+
+    def load_targets(self, layer: "LoraLayer") -> dict[str, torch.Tensor]:
+        """The tensors a file's tensors are copied into, by PEFT name (usually what peft_tensors returns)."""
+        return self.peft_tensors(layer)
+
+    @classmethod
+    def saved_config(cls, config):
+        """The config written next to `peft_tensors` (PiSSA/OLoRA's untouched-base form doubles the rank)."""
+        return config
+
+    @classmethod
+    def peft_names(cls, ltype: LayerType) -> tuple[str, ...]:
+        """The names after the module path that this method's files use for a layer of type `ltype`."""
+        return ltype.factor_names
+
+    @classmethod
+    def expected_shapes(cls, ltype: LayerType, base: nn.Module) -> dict[str, tuple[int | None, ...]]:
+        """Each PEFT tensor's shape for `base`, None where the rank goes (checked before any data is read)."""
+        a_shape, b_shape = ltype.factor_shapes(base, 0)
+        name_A, name_B = ltype.factor_names
+        return {name_A: _rank_free(a_shape, 0), name_B: _rank_free(b_shape, 1)}
+
+    @classmethod
+    def delta_from_file(cls, parts: dict[str, torch.Tensor], config, module: str) -> torch.Tensor:
+        """`ΔW` as (out, in·k·k) from one layer's file tensors keyed by their first name part (e.g. "lora_A")."""
+        A = parts.get("lora_A", parts.get("lora_embedding_A"))
+        B = parts.get("lora_B", parts.get("lora_embedding_B"))
+        return (B.float().flatten(1) @ A.float().flatten(1)) * config.scale_for(module)
+
+    # -- tensors that belong to the whole model rather than one layer (VeRA's shared projections) --
+
+    @classmethod
+    def model_tensors(cls, model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    @classmethod
+    def is_model_tensor(cls, key: str) -> bool:
+        return False
+
+    @classmethod
+    def load_model_tensors(cls, model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor], file) -> None:
+        raise AssertionError("plain LoRA files have no model-level tensors")
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
 
 
-def delta_weight(adapter: LoraAdapter, kind: str, weight: float = 1.0) -> torch.Tensor:
-    """`weight · scale · B·A` laid out like the base layer's own weight, computed in fp32."""
-    A, B = adapter.lora_A.float(), adapter.lora_B.float()
-    s = adapter.scale * weight
-    if kind == "conv2d":
-        return (B.flatten(1) @ A.flatten(1)).view(B.shape[0], *A.shape[1:]) * s
-    delta = (B @ A) * s  # (out, in)
-    return delta if kind == "linear" else delta.T  # conv1d and embedding store (in, out)
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Half-precision (and quantised) bases train their adapters in fp32, as PEFT does; the fp32 factors are tiny."""
+    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def lora_output(adapter: LoraAdapter, kind: str, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The adapter's contribution `scale · dropout(x) Aᵀ Bᵀ` (before any per-adapter weight)."""
-    A, B = adapter.lora_A, adapter.lora_B
-    if kind == "embedding":
-        t = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return (t @ B.T) * adapter.scale
-    x = adapter.dropout(x.to(A.dtype))
-    if kind == "conv2d":
-        t = F.conv2d(x, A, None, base.stride, base.padding, base.dilation)
-        return F.conv2d(t, B) * adapter.scale
-    return (x @ A.T) @ B.T * adapter.scale
+def _rank_free(shape: tuple[int, ...], rank_dim: int) -> tuple[int | None, ...]:
+    return tuple(None if i == rank_dim else n for i, n in enumerate(shape))
 
 
-# Folding `scale·B·A` into a temporary copy of the weight costs out·in·r multiply-adds plus a few
-# memory-bound passes over the weight; adding the low-rank term row by row costs rows·r·cols. This
-# constant prices those passes in multiply-adds per weight element (fitted on a 2-core EPYC, fp32:
-# the measured break-even lies within ~10% of the rule below for 512/1376-wide layers).
-_FOLD_PASSES = 4
+def _tensor_versions(tensors) -> tuple:
+    # In-place writes (a load's copy, a training step) bump `_version`; inference tensors have none.
+    return tuple((id(t), t.data_ptr(), t._version if not t.is_inference() else -id(t)) for t in tensors)
 
 
-def _fold_is_cheaper(rows: int, cols: int, weight: torch.Tensor, r: int) -> bool:
-    """Whether adding the low-rank term to `rows` rows of width `cols` costs more than folding it into the weight.
-
-    Long batches (a training step, a prefill) have more rows than the weight has columns, so folding
-    wins there; decoding a few tokens keeps the row-wise product. Folding only happens when the
-    temporary weight is smaller than the rows × cols activations the row-wise product would touch, so
-    it adds less memory than that, one layer at a time. Only fp32/fp64: folding a small delta into a
-    bf16/fp16 weight would round most of it away.
-    """
-    return weight.dtype in (torch.float32, torch.float64) and rows * cols * r > weight.numel() * (r + _FOLD_PASSES)
-
-
-def _folded_weight(weight, lora_A, lora_B, scale, transposed):
-    """`weight + scale·B·A` in the base weight's own layout, so using it is the base layer's own op.
-
-    With B = 0 this is the base weight bit for bit (adding exact zeros), so the output stays bit-exact.
-    """
-    if transposed:  # Conv1D stores (in, out)
-        return torch.addmm(weight, lora_A.T, lora_B.T, alpha=scale)
-    return torch.addmm(weight, lora_B, lora_A, alpha=scale)
-
-
-def _base_op(x2, weight, bias, transposed):
-    """Exactly the op nn.Linear / Conv1D run on a 2-D input, so that B = 0 gives the base output bit for bit."""
-    w_t = weight if transposed else weight.T  # (in, out)
-    return torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
-
-
-def _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t):
-    """`base(x2) + scale·(x2 Aᵀ) Bᵀ` on 2-D rows; returns it and `t = x2 Aᵀ` (computed only if `keep_t`)."""
-    rows, in_f = x2.shape
-    out_f = weight.numel() // in_f
-    t = x2 @ lora_A.T if keep_t else None  # backward needs t for dB; inference does not
-    # Row-wise, the LoRA term costs an (rows, out) product, plus (rows, in) for t when t is not kept anyway.
-    if _fold_is_cheaper(rows, out_f if keep_t else in_f + out_f, weight, lora_A.shape[0]):
-        return _base_op(x2, _folded_weight(weight, lora_A, lora_B, scale, transposed), bias, transposed), t
-    y = _base_op(x2, weight, bias, transposed)
-    # addmm_ adds the low-rank term into y in place: no second output-sized tensor, no separate scaling pass.
-    y.addmm_(t if t is not None else x2 @ lora_A.T, lora_B.T, alpha=scale)
-    return y, t
-
-
-class _LoraLinearFn(torch.autograd.Function):
-    """`base(x) + scale·(x Aᵀ) Bᵀ` with a hand-written backward for a frozen weight.
-
-    Why: autograd would add the LoRA branch's input gradient to the base's in a separate pass and
-    scale the output-sized tensor; here both gradients land in one buffer (through `addmm_`, or through
-    a folded weight for long batches), and only r-sized tensors are scaled.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, transposed):
-        x2 = x.reshape(-1, x.shape[-1])
-        y, t = _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t=True)
-        # x is needed for dA; t (rows × r, r/in of x's size) is kept so backward need not recompute x·Aᵀ.
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, t)
-        ctx.scale, ctx.transposed, ctx.has_bias = scale, transposed, bias is not None
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, t = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        rows, in_f = x2.shape
-        need_dx, need_dA = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        # dx = dy·(W + scale·B·A): fold the weight for long batches, else add g·A (rows·in·r) into dy·W.
-        fold_dx = need_dx and _fold_is_cheaper(rows, in_f, weight, lora_A.shape[0])
-        g = None
-        if need_dA or (need_dx and not fold_dx):
-            g = (dy2 @ lora_B).mul_(ctx.scale)  # gradient at the rank-r bottleneck
-        dx = d_bias = dA = dB = None
-        if need_dx:
-            w = _folded_weight(weight, lora_A, lora_B, ctx.scale, ctx.transposed) if fold_dx else weight
-            dx = dy2 @ (w.T if ctx.transposed else w)
-            if not fold_dx:
-                dx.addmm_(g, lora_A)
-            dx = dx.view(*dy.shape[:-1], dx.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            d_bias = dy2.sum(0)
-        if need_dA:
-            dA = g.T @ x2
-        if ctx.needs_input_grad[4]:
-            dB = (dy2.T @ t).mul_(ctx.scale)
-        return dx, None, d_bias, dA, dB, None, None
-
-
-def _fused_linear(x, weight, bias, lora_A, lora_B, scale, transposed):
-    """The fused path: through the autograd Function when a gradient is wanted, else forward only.
-
-    Inference skips the Function because it would compute and keep `t = x·Aᵀ` for a backward that never
-    comes, and without t the folded weight pays off for even shorter batches.
-    """
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, bias, lora_A, lora_B)):
-        return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, scale, transposed)
-    y, _ = _lora_linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, transposed, keep_t=False)
-    return y.view(*x.shape[:-1], y.shape[-1])
+# --- the layer ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -215,18 +306,23 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        kind = layer_kind(base_layer)
-        if kind is None:
+        ltype = layer_type(base_layer)
+        if ltype is None:
             raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}; supported: Linear, Conv1D, Embedding, Conv2d")
         self.base_layer = base_layer
-        self.kind = kind
+        self.type = ltype
         self.adapters = nn.ModuleDict()
         self.active: list[ActiveAdapter] = []
         self.merged: list[ActiveAdapter] = []  # what is folded into base_layer.weight right now
         self.disabled = False
         # merge() keeps the untouched weight here so unmerge() is bit-exact (subtracting drifts).
         self.original_weight: torch.Tensor | None = None
-        self.mixed_stack = None  # this layer's adapters stacked for per-row batches (cache of serve/mixed.py)
+        self.base_parts: list[str] = []  # adapters that hold part of the base weight (PiSSA/OLoRA), see base_part()
+        self.row_stack = None  # this layer's adapters stacked for per-row batches (cache of rows.py)
+
+    @property
+    def kind(self) -> str:
+        return self.type.name
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `module.weight` (tying, HF helpers) still works
@@ -236,30 +332,67 @@ class LoraLayer(nn.Module):
     def bias(self):
         return getattr(self.base_layer, "bias", None)
 
-    def add_adapter(self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming") -> LoraAdapter:
-        adapter = LoraAdapter(self.base_layer, self.kind, r, scale, dropout, init)
+    @property
+    def features(self) -> tuple[int, int]:
+        return self.type.features(self.base_layer)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight without any merged adapter (what DoRA's norm and merge deltas are computed from)."""
+        return self.original_weight if self.original_weight is not None else self.base_layer.weight
+
+    def add_adapter(self, name: str, r: int | None = None, scale: float | None = None, dropout: float = 0.0,
+                    init: str = "kaiming", adapter: nn.Module | None = None) -> nn.Module:
+        """Add a plain LoRA adapter of rank r, or an adapter object built elsewhere (a variant)."""
+        adapter = adapter if adapter is not None else LoraAdapter(self.base_layer, self.type, r, scale, dropout, init)
         self.adapters[name] = adapter
+        adapter.attach(self)
+        if getattr(adapter, "holds_base_part", False):
+            self.base_parts.append(name)
         return adapter
 
+    def remove_adapter(self, name: str) -> None:
+        """Take adapter `name` off this layer, giving back any part of the base weight it holds."""
+        self.adapters[name].detach(self)
+        del self.adapters[name]
+        if name in self.base_parts:
+            self.base_parts.remove(name)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        rows = MIXED_ROWS.get()
-        if rows is not None:
-            return rows.forward(self, x)
+        plan = rows.current_plan()
+        if plan is not None:
+            return plan.forward(self, x)
         pending = self._pending_adapters()
+        if self.base_parts:
+            return self._forward_with_base_parts(x, pending, *args, **kwargs)
         if not pending:
             return self.base_layer(x, *args, **kwargs)
-        if len(pending) == 1 and self._can_fuse(pending[0], x):
-            adapter = self.adapters[pending[0].name]
-            base = self.base_layer
-            return _fused_linear(
-                x, base.weight, base.bias, adapter.lora_A, adapter.lora_B,
-                adapter.scale * pending[0].weight, self.kind == "conv1d",
-            )
+        if len(pending) == 1:
+            y = self.adapters[pending[0].name].fast_forward(self, x, pending[0].weight)
+            if y is not None:
+                return y
         y = self.base_layer(x, *args, **kwargs)
-        for a in pending:
-            out = lora_output(self.adapters[a.name], self.kind, self.base_layer, x)
-            y = y + (out if a.weight == 1.0 else out * a.weight).to(y.dtype)
-        return y
+        return self._add_outputs(x, y, pending)
+
+    def _add_outputs(self, x: torch.Tensor, y: torch.Tensor, pending: list[ActiveAdapter]) -> torch.Tensor:
+        out = y
+        for a in pending:  # each adapter's contribution is relative to the base output, weighted
+            delta = self.adapters[a.name].output(self, x, y)
+            out = out + (delta if a.weight == 1.0 else delta * a.weight).to(y.dtype)
+        return out
+
+    def _forward_with_base_parts(self, x: torch.Tensor, pending: list[ActiveAdapter], *args, **kwargs) -> torch.Tensor:
+        """The base weight holds a residual (PiSSA/OLoRA): put back the parts its adapters hold, then add the
+        running adapters' changes to that whole base. Alone at full strength, such an adapter runs its own form."""
+        if len(pending) == 1 and self.base_parts == [pending[0].name]:
+            y = self.adapters[pending[0].name].fast_forward(self, x, pending[0].weight)
+            if y is not None:
+                return y
+        merged = {a.name for a in self.merged}  # a merged adapter's part is in the weight again
+        y = self.base_layer(x, *args, **kwargs)
+        for name in self.base_parts:
+            if name not in merged:
+                y = y + self.adapters[name].base_part(self, x).to(y.dtype)
+        return self._add_outputs(x, y, pending)
 
     def _pending_adapters(self) -> list[ActiveAdapter]:
         """Active adapters not already folded into the weight (lorakit.adapters refuses to change
@@ -267,16 +400,6 @@ class LoraLayer(nn.Module):
         if self.disabled or self.merged:
             return []
         return self.active
-
-    def _can_fuse(self, active: ActiveAdapter, x: torch.Tensor) -> bool:
-        adapter = self.adapters[active.name]
-        return (
-            self.kind in ("linear", "conv1d")
-            and (isinstance(adapter.dropout, nn.Identity) or not self.training)
-            and not self.base_layer.weight.requires_grad
-            and adapter.lora_A.dtype == x.dtype == self.base_layer.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
 
     def extra_repr(self) -> str:
         active = ", ".join(f"{a.name}×{a.weight:g}" for a in self.active) or "none"

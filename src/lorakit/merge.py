@@ -5,21 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import _require, apply_active, is_merged
+from .adapters import apply_active, is_merged, require, uninstall_adapter_names
 from .errors import MergeStateError
-from .inject import _set_submodule, get_state, lora_layers, save_wrappers
-from .layers import ActiveAdapter, delta_weight
+from .layers import ActiveAdapter
+from .state import drop_state, get_state, lora_layers, replace_module, save_wrappers
 
 
 @torch.no_grad()
 def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
-    """Add `scale·B·A` of `adapter` (default: the active adapters, with their weights) into the base weights.
+    """Fold `adapter` (default: the active adapters, with their weights) into the base weights.
 
     The untouched weight is kept aside, so `unmerge` restores it bit for bit.
     """
     state = get_state(model)
     if adapter is not None:
-        _require(model, adapter)
+        require(model, adapter)
         chosen = [ActiveAdapter(adapter, 1.0)]
     else:
         chosen = list(state.active) if state else []
@@ -36,8 +36,8 @@ def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
         if layer.original_weight is None:
             layer.original_weight = w.detach().clone()
         total = w.float()
-        for a in todo:
-            total = total + delta_weight(layer.adapters[a.name], layer.kind, a.weight).to(w.device)
+        for a in todo:  # each adapter answers for its merged weight (DoRA's is not a plain sum)
+            total = layer.adapters[a.name].merge_into(layer, total, a.weight)
         w.copy_(total.to(w.dtype))
         layer.merged.extend(todo)
     return model
@@ -70,13 +70,14 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
 
 def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
     for name, layer in list(lora_layers(model)):
-        _set_submodule(model, name, layer.base_layer)
+        merged = {a.name for a in layer.merged}
+        for adapter in [n for n in layer.adapters if n not in merged]:
+            layer.remove_adapter(adapter)  # an unmerged PiSSA/OLoRA adapter gives back its part of the base
+        replace_module(model, name, layer.base_layer)
     for name, wrapper in list(save_wrappers(model)):
-        _set_submodule(model, name, wrapper.current() if keep_copies else wrapper.original_module)
-    model.__dict__.pop("_lorakit_state", None)
-    from .serve.mixed import uninstall_adapter_names  # a plain model gets its plain forward/generate back
-
-    uninstall_adapter_names(model)
+        replace_module(model, name, wrapper.current() if keep_copies else wrapper.original_module)
+    drop_state(model)
+    uninstall_adapter_names(model)  # a plain model gets its plain forward/generate back
     for p in model.parameters():
         p.requires_grad_(True)
     return model

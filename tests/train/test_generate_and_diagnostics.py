@@ -1,7 +1,6 @@
 """`lorakit generate` (one adapter, or one per prompt) and the plain-words diagnostics."""
 
 import pytest
-import torch
 
 import lorakit
 from lorakit import LoraConfig

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
-                       description="Each adapter is a model name of its own; requests for different adapters share batches.")
-    p.add_argument("--base", required=True, help="base model directory (with its tokenizer)")
-    p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH", help="adapters to serve, e.g. chat=out/chat")
+                       description="Each adapter is a model name of its own; requests for different adapters share "
+                                   "batches. /v1/chat/completions puts messages through the tokenizer's chat template "
+                                   "(as `lorakit train` does for 'messages' rows and --chat-template); /v1/completions "
+                                   "takes the prompt as plain text. vLLM's flag names work too.")
+    p.add_argument("--base", "--model", dest="base", required=True,
+                   help="base model directory (with its tokenizer), or 'builtin'")
+    p.add_argument("--adapters", "--lora-modules", dest="adapters", nargs="*", default=[], metavar="NAME=PATH",
+                   help='adapters to serve, e.g. chat=out/chat (vLLM\'s JSON form {"name": ..., "path": ...} too)')
     p.add_argument("--adapter-root", default=None, metavar="DIR",
                    help="every adapter must lie inside DIR; POST /v1/adapters may load from it (off without it)")
-    p.add_argument("--name", default=None, help="model name of the base (default: its directory's name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", "--served-model-name", dest="name", default=None,
+                   help="model name of the base (default: the last part of --base)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LORAKIT_API_KEY; none if unset)")
-    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
-    p.add_argument("--max-loaded", type=int, default=None, help="adapters kept loaded at most (LRU eviction)")
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429 (default: %(default)s)")
+    p.add_argument("--max-loaded", "--max-loras", dest="max_loaded", type=int, default=None,
+                   help="adapters kept loaded at most (LRU eviction)")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="refuse adapters of a higher rank")
+    p.add_argument("--enable-lora", action="store_true", help="accepted for vLLM's command lines; LoRA is always on")
     p.add_argument("--max-adapter-mb", type=float, default=None, help="memory for loaded adapters at most, in MiB")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="dtype to load the base in")
     p.add_argument("--threads", type=int, default=None,
@@ -34,9 +44,16 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 
     adapters: dict[str, str] = {}
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--adapters takes NAME=PATH pairs, got {item!r}")
+        if item.lstrip().startswith("{"):  # vLLM: --lora-modules '{"name": "sql", "path": "/adapters/sql"}'
+            try:
+                spec = json.loads(item)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--adapters: {item!r} is not valid JSON ({e.msg})") from None
+            name, sep, path = spec.get("name"), "=", spec.get("path")
+        else:
+            name, sep, path = item.partition("=")
+        if not sep or not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+            raise ConfigError(f"--adapters takes NAME=PATH pairs (or {{\"name\": ..., \"path\": ...}}), got {item!r}")
         if name in adapters:
             raise ConfigError(f"--adapters names {name!r} twice")
         adapters[name] = path
@@ -44,6 +61,9 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from ..hf import resolve_base
+
+    base = resolve_base(args.base, tokenizer=True)  # before the server or the model loads
     import torch
     import uvicorn
 
@@ -53,9 +73,10 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     max_bytes = int(args.max_adapter_mb * 2**20) if args.max_adapter_mb is not None else None
-    app = create_app(args.base, adapters=parse_adapters(args.adapters), adapter_root=args.adapter_root,
-                     api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, base_name=args.name,
-                     dtype=args.dtype, max_loaded=args.max_loaded, max_bytes=max_bytes)
+    name = args.name or os.path.basename(os.path.normpath(args.base))  # as vLLM: the name --base was given by
+    app = create_app(base, adapters=parse_adapters(args.adapters), adapter_root=args.adapter_root,
+                     api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, base_name=name,
+                     dtype=args.dtype, max_loaded=args.max_loaded, max_bytes=max_bytes, max_lora_rank=args.max_lora_rank)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)

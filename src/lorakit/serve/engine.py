@@ -3,7 +3,7 @@
 Each request is prefilled alone, then decoded together with whatever else is running. Rows keep
 their own keys/values inside one left-padded batch cache: an attention mask hides the padding and
 each row gets its own position ids, so a row computes what it would compute alone. Rows may use
-different adapters (per-row LoRA through `lorakit.serve.mixed.adapter_rows`).
+different adapters (per-row LoRA through `lorakit.adapter_rows`).
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ class Engine:
             self._accept(req, logits[i])
 
     def _forward(self, ids, adapters: list[str | None], cache, **kwargs) -> torch.Tensor:
-        from .mixed import adapter_rows
+        from ..adapters import adapter_rows
 
         with adapter_rows(self.model, adapters):
             out = self.model(ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}, **kwargs)

@@ -20,18 +20,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, IncompatibleAdapterError, LorakitError
-from .api_models import AdapterRequest, APIError, ChatRequest, CompletionRequest, Reply, parse, sse
+from ..chat import has_template, prompt_ids
+from ..errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    ChatTemplateError,
+    IncompatibleAdapterError,
+    LorakitError,
+)
+from ..io import read_adapter_config
+from .api_models import MAX_CHOICES, AdapterRequest, APIError, ChatRequest, CompletionRequest, Reply, parse, sse
 from .engine import Engine, EngineStoppedError, Event, Job, QueueFullError, SamplingParams
 from .store import AdapterInUseError, AdapterPathError, AdapterStore, StoreFullError
+
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions (chat: up to the context)
 
 
 class ServerState:
     """What the handlers share: the engine, the adapters, the tokenizer, the base's name and HTTP counters."""
 
-    def __init__(self, engine: Engine, adapters: AdapterStore, tokenizer, base_name: str, api_key: str | None):
+    def __init__(self, engine: Engine, adapters: AdapterStore, tokenizer, base_name: str, api_key: str | None,
+                 max_lora_rank: int | None = None):
         self.engine, self.adapters, self.tokenizer = engine, adapters, tokenizer
-        self.base_name, self.api_key = base_name, api_key
+        self.base_name, self.api_key, self.max_lora_rank = base_name, api_key, max_lora_rank
         self.created = int(time.time())
         self.http_requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
 
@@ -48,11 +61,13 @@ class ServerState:
 
 def create_app(base, *, tokenizer=None, adapters: dict[str, str] | None = None, adapter_root: str | os.PathLike | None = None,
                api_key: str | None = None, max_batch: int = 8, max_queue: int = 64, base_name: str | None = None,
-               dtype: str | None = None, max_loaded: int | None = None, max_bytes: int | None = None) -> FastAPI:
+               dtype: str | None = None, max_loaded: int | None = None, max_bytes: int | None = None,
+               max_lora_rank: int | None = None) -> FastAPI:
     """The server app for `base` (a model directory, or a loaded model plus `tokenizer`) and named adapter directories.
 
     `adapter_root`: every adapter, named here or loaded by `POST /v1/adapters`, must lie inside it; without
-    it, loading at run time is refused. `max_loaded`/`max_bytes` cap the adapters kept on the base (LRU).
+    it, loading at run time is refused. `max_loaded`/`max_bytes` cap the adapters kept on the base (LRU);
+    `max_lora_rank` refuses adapters of a higher rank.
     The engine thread starts and stops with the app.
     """
     model, tokenizer, base_name = _load_base(base, tokenizer, base_name, dtype)
@@ -63,8 +78,9 @@ def create_app(base, *, tokenizer=None, adapters: dict[str, str] | None = None, 
         if name == base_name:
             raise AdapterExistsError(f"adapter name {name!r} is the base model's name; pick another")
         store.register(name, path)  # checked now, loaded on first use
+        _check_rank(store, name, max_lora_rank)
     engine.adapters = store
-    state = ServerState(engine, store, tokenizer, base_name, api_key)
+    state = ServerState(engine, store, tokenizer, base_name, api_key, max_lora_rank)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -153,7 +169,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(403, "loading adapters at run time is off; start the server with --adapter-root DIR",
                            type="permission_error", param="path", code="adapter_loading_disabled")
         try:
-            created = await run_in_threadpool(_register_and_load, state.adapters, body.name, body.path)
+            created = await run_in_threadpool(_register_and_load, state.adapters, body.name, body.path,
+                                              state.max_lora_rank)
         except AdapterPathError as e:
             raise APIError(403, str(e), type="permission_error", param="path", code="adapter_path_forbidden") from None
         except AdapterExistsError as e:
@@ -179,17 +196,29 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return {"id": name, "object": "model", "deleted": True}
 
 
-def _register_and_load(store: AdapterStore, name: str, path: str) -> bool:
+def _register_and_load(store: AdapterStore, name: str, path: str, max_lora_rank: int | None = None) -> bool:
     """Register and load now, so that the client learns at once whether the adapter works on this base.
     Returns False when `name` was already registered for the same directory (nothing is loaded or copied)."""
     if not store.register(name, path):
         return False
     try:
+        _check_rank(store, name, max_lora_rank)
         store.release(store.acquire(name))
     except BaseException:
         store.unregister(name)
         raise
     return True
+
+
+def _check_rank(store: AdapterStore, name: str, limit: int | None) -> None:
+    """vLLM's --max-lora-rank: an adapter of a higher rank is refused, with its rank (the caller unregisters it)."""
+    if limit is None:
+        return
+    config = read_adapter_config(store.path(name))
+    rank = max([config.r, *config.rank_pattern.values()])
+    if rank > limit:
+        raise IncompatibleAdapterError(f"adapter {name!r} has rank {rank}, above --max-lora-rank {limit}; raise the "
+                                       "limit or serve an adapter of lower rank")
 
 
 # --- prompts -------------------------------------------------------------------------------------
@@ -213,13 +242,11 @@ def _encode_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
 def _encode_chat(state: ServerState, body: ChatRequest) -> list[int]:
     """The tokenizer's chat template when it has one, else a plain "role: content" transcript."""
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    tok = state.tokenizer
-    if getattr(tok, "chat_template", None):
+    if has_template(state.tokenizer):  # the tokens `lorakit train` builds for the same conversation
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # templates raise for conversations they do not accept (e.g. roles out of order)
-            raise APIError(400, f"the model's chat template rejected the messages: {e}", param="messages") from None
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+            return prompt_ids(state.tokenizer, messages)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
     return _encode_prompt(state, text)
 
@@ -234,7 +261,7 @@ def _sampling(state: ServerState, body, prompt: list[int], seed: int | None) -> 
         raise APIError(400, f"this model's context is {limit} tokens: the prompt has {len(prompt)} tokens, so "
                        f"max_tokens can be at most {room}, got {body.max_tokens}", param="max_tokens",
                        code="context_length_exceeded")
-    default = room if isinstance(body, ChatRequest) else min(16, room)
+    default = room if isinstance(body, ChatRequest) else min(DEFAULT_COMPLETION_TOKENS, room)
     return SamplingParams(max_tokens=body.max_tokens or default, temperature=body.temperature, top_p=body.top_p,
                           stop=body.stop or (), seed=seed)
 
@@ -244,8 +271,8 @@ def _sampling(state: ServerState, body, prompt: list[int], seed: int | None) -> 
 
 async def _generate(request: Request, state: ServerState, body, adapter: str | None, prompts: list[list[int]], chat: bool):
     n = body.n
-    if len(prompts) * n > 16:
-        raise APIError(400, f"{len(prompts)} prompts × n={n} is more than 16 choices per request", param="n")
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts × n={n} is more than {MAX_CHOICES} choices per request", param="n")
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     jobs = [Job(prompt, _sampling(state, body, prompt, None if body.seed is None else body.seed + p * n + j),
                 _sink(loop, queue, p * n + j), adapter)

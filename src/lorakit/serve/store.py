@@ -4,7 +4,7 @@ LRU cache under a cap on their number and bytes, and pinned by the requests that
 Every load goes into a fresh adapter under a new name on the model, published only once complete; a
 pinned adapter is never evicted; the cache lock is held for bookkeeping only, never across a load or an
 eviction, so requests for adapters already loaded never wait for one. Forward passes may run while
-adapters are loaded or evicted (see `mixed.layer_stack`).
+adapters are loaded or evicted (see `lorakit.rows.layer_stack`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..adapters import active_adapters, delete_adapter, is_merged, set_active
+from ..adapters import active_adapters, adapter_rows, delete_adapter, is_merged, set_active
 from ..errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -32,12 +31,13 @@ from ..errors import (
     IncompatibleAdapterError,
     LorakitError,
     MergeStateError,
-    ShapeMismatchError,
 )
-from ..inject import _logical_modules, lora_layers
-from ..io import _LORA_KEY, CONFIG_NAME, PREFIX, WEIGHTS_NAME, load_adapter, read_adapter_config
-from ..layers import LoraLayer, layer_features, layer_kind
-from .mixed import adapter_rows, clear_stacks
+from ..io import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files, load_adapter
+from ..layers import layer_type
+from ..matching import base_of, logical_modules
+from ..rows import clear_stacks
+from ..state import adapter_layers
+from ..variants.pissa import is_residual_init
 
 
 class AdapterPathError(AdapterFileError, PermissionError):
@@ -331,67 +331,32 @@ class AdapterStore:
         return resolved
 
     def _check_adapter(self, path: Path) -> int:
-        """Refuse what is not a LoRA adapter servable on this base, with the reason; return its bytes once loaded."""
-        try:
-            config = read_adapter_config(path)
-        except ConfigError as e:
-            raise AdapterFileError(f"{path / CONFIG_NAME}: {e}") from None
+        """Refuse what is not an adapter servable on this base, with the reason; return its bytes once loaded."""
+        with self.model_lock:  # a snapshot of the module tree; the file checks run outside the lock
+            modules = dict(logical_modules(self.model))
+        files = check_adapter_files(path, modules=modules)
+        config = files.config
+        if is_residual_init(getattr(config, "init", "")):
+            raise IncompatibleAdapterError(
+                f"adapter {str(path)!r} is a {config.init} adapter saved for a residual base (init_lora_weights="
+                f"{config.init!r}); loading it would rewrite the shared base. Convert it once: lorakit.load_adapter it "
+                "onto the base and lorakit.save_adapter it again (that writes the equivalent plain LoRA)"
+            )
         if config.modules_to_save or config.bias != "none":
             what = f"full copies of {config.modules_to_save}" if config.modules_to_save else f"biases (bias={config.bias!r})"
             raise IncompatibleAdapterError(
                 f"adapter {str(path)!r} trains {what}, which would change the base shared by every request; "
                 "only pure LoRA adapters can be served side by side (merge this one into its own model instead)"
             )
-        shapes = _read_shapes(path / WEIGHTS_NAME)
-        with self.model_lock:
-            modules = dict(_logical_modules(self.model))
-        nbytes = 0
-        for key, shape in shapes.items():
-            nbytes += _check_tensor(key, shape, modules, path, type(self.model).__name__)
-        if self.max_bytes is not None and nbytes > self.max_bytes:
-            raise StoreFullError(f"adapter {str(path)!r} needs {nbytes:,} bytes, more than the store's max_bytes={self.max_bytes:,}")
-        return nbytes
-
-
-def _read_shapes(file: Path) -> dict[str, list[int]]:
-    """Each tensor's shape from the safetensors header, without reading the data."""
-    if not file.exists():
-        raise AdapterFileNotFoundError(f"{file} is missing: not a LoRA adapter directory in safetensors format")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{file} is not a readable safetensors file ({e}); the file is corrupt or truncated") from None
-
-
-def _check_tensor(key: str, shape: list[int], modules: dict[str, nn.Module], path: Path, model: str) -> int:
-    """Check one tensor of the file against the module it names; its bytes once loaded."""
-    file = path / WEIGHTS_NAME
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    m = _LORA_KEY.match(key)
-    if m is None:
-        raise IncompatibleAdapterError(f"{file} has {key!r}, which is not a LoRA factor; only pure LoRA adapters can be served")
-    module = modules.get(m.group("module"))
-    if module is None:
-        raise IncompatibleAdapterError(f"adapter {str(path)!r} names module {m.group('module')!r}, which this {model} does "
-                                       "not have; it was made for another architecture")
-    base = module.base_layer if isinstance(module, LoraLayer) else module
-    kind = layer_kind(base)
-    if kind not in ("linear", "conv1d", "embedding"):
-        raise IncompatibleAdapterError(f"adapter {str(path)!r} adapts {m.group('module')!r}, a {type(base).__name__}; "
-                                       "per-row serving supports Linear, GPT-2 Conv1D and Embedding layers")
-    in_f, out_f = layer_features(base, kind)
-    is_a = m.group("factor").endswith("A")
-    fits = len(shape) == 2 and shape[1 if is_a else 0] == (in_f if is_a else out_f)
-    if not fits:
-        need = f"(r, {in_f})" if is_a else f"({out_f}, r)"
-        raise ShapeMismatchError(f"{file}: {key} has shape {tuple(shape)} but {m.group('module')!r} needs {need}; "
-                                 "the adapter was trained on a base with other layer sizes")
-    weight_dtype = base.weight.dtype
-    size = 4 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype.itemsize  # LoraAdapter's rule
-    return shape[0] * shape[1] * size
+        for module in files.modules:
+            ltype = layer_type(base_of(modules[module]))
+            if not ltype.per_row:
+                raise IncompatibleAdapterError(f"adapter {str(path)!r} adapts {module!r}, a {ltype.name} layer; "
+                                               "per-row serving supports Linear, GPT-2 Conv1D and Embedding layers")
+        if self.max_bytes is not None and files.nbytes > self.max_bytes:
+            raise StoreFullError(f"adapter {str(path)!r} needs {files.nbytes:,} bytes, more than the store's max_bytes={self.max_bytes:,}")
+        return files.nbytes
 
 
 def _adapter_bytes(model: nn.Module, adapter: str) -> int:
-    return sum(p.numel() * p.element_size() for _, layer in lora_layers(model) if adapter in layer.adapters
-               for p in layer.adapters[adapter].parameters())
+    return sum(p.numel() * p.element_size() for _, _, a in adapter_layers(model, adapter) for p in a.parameters())

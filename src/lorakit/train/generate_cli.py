@@ -12,42 +12,55 @@ BASE_WORDS = ("base", "none")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with an adapter (or several, one per prompt)")
-    p.add_argument("--base", required=True, help="base model directory")
+    p = sub.add_parser("generate", help="generate text with an adapter (or several, one per prompt)",
+                       description="Generate text from a base model with an adapter, or with one adapter per prompt "
+                                   "in a single batch (the way the server mixes adapters). Prompts are plain text, as "
+                                   "in /v1/completions; with --chat each is a user message put through the chat "
+                                   "template, as in /v1/chat/completions.")
+    p.add_argument("--base", required=True, help="base model directory, or 'builtin'")
     p.add_argument("--adapter", action="append", default=[],
                    help="adapter directory; give one for all prompts, or one per prompt ('base' = no adapter)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.set_defaults(func=run)
 
 
 def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0) -> list[str]:
+             top_p: float = 1.0, seed: int = 0, chat: bool = False) -> list[str]:
     from .. import load_adapter, read_adapter_config
-    from ..hf import load_base_model, load_tokenizer
+    from ..chat import prompt_ids
+    from ..hf import load_base_model, load_tokenizer, resolve_base
 
     if adapters and len(adapters) not in (1, len(prompts)):
         raise ConfigError(f"got {len(adapters)} --adapter values for {len(prompts)} prompts: give one adapter for all "
                           "prompts, or exactly one per prompt")
+    base = resolve_base(base, tokenizer=True)
     real = [a for a in adapters if a.lower() not in BASE_WORDS]
-    task = read_adapter_config(real[0]).task_type if real else "CAUSAL_LM"
-    model = load_base_model(base, task or "CAUSAL_LM").eval()
+    configs = [read_adapter_config(a) for a in dict.fromkeys(real)]  # a bad adapter fails before the model loads
     tokenizer = load_tokenizer(base)
-    tokenizer.padding_side = "left"
+    if chat:  # the same tokens the server's /v1/chat/completions builds
+        ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    else:
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+    model = load_base_model(base, (configs[0].task_type if configs else None) or "CAUSAL_LM").eval()
     names: dict[str, str] = {}
     for path in dict.fromkeys(real):
         names[path] = f"adapter{len(names)}"
         load_adapter(model, path, adapter=names[path])
-    rows = [None if a.lower() in BASE_WORDS else names[a] for a in (adapters * len(prompts) if len(adapters) == 1 else adapters)]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=temperature > 0)
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
-    if rows:
+    if names:  # a plain model (only 'base' given) has no adapter_names argument
+        rows = [None if a.lower() in BASE_WORDS else names[a]
+                for a in (adapters * len(prompts) if len(adapters) == 1 else adapters)]
         kwargs["adapter_names"] = rows
     with torch.no_grad():
         out = model.generate(**batch, **kwargs)
@@ -55,7 +68,10 @@ def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens:
 
 
 def run(args: argparse.Namespace) -> int:
-    texts = generate(args.base, args.adapter, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts = generate(args.base, args.adapter, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                     chat=args.chat)
     for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
         label = args.adapter[i if len(args.adapter) > 1 else 0] if args.adapter else "base"
         print(f"--- [{label}] {prompt!r}\n{text}")

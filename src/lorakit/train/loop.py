@@ -5,11 +5,12 @@ decay, accumulation, clipping, checkpoints every N steps, resume, evaluation, an
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 import random
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,11 @@ from torch import nn
 from .. import trainable_parameters
 from ..errors import ConfigError
 from ..files import atomic_write_json, atomic_write_text
-from ..hf import load_base_model, load_tokenizer
+from ..hf import BUILTIN, load_base_model, load_tokenizer, resolve_base
 from ..inspect import effective_rank
-from ..inject import lora_layers
+from ..state import adapter_layers, get_state
 from . import data as data_mod
+from .builtin import model_path
 from .checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .diagnostics import diagnose
@@ -32,6 +34,7 @@ from .loss import loss_fn
 from .measure import cost_line, peak_memory, step_times
 from .methods import ADAPTER, method_for
 from .plot import plot_losses
+from .run_dir import check_out_dir, check_resume_step, remove_run, written
 
 
 @dataclass
@@ -56,19 +59,35 @@ def train(config: TrainConfig, world: World | None = None) -> TrainResult:
 
 def _train(config: TrainConfig, world: World) -> TrainResult:
     t_start = time.perf_counter()
+    config = _resolve_paths(config)  # before anything loads: a wrong --base or --data fails here, by name
     out = Path(config.out)
-    _check_out_dir(out, config.resume)
+    check_out_dir(out, config.resume, config.overwrite)
     _seed_everything(config.seed)
     say = print if world.is_main else (lambda *a, **k: None)
 
     tokenizer = load_tokenizer(config.base)
-    train_set, eval_set = _load_data(config, tokenizer)
+    train_set, eval_set, skipped = _load_data(config, tokenizer, say)
+    config = _steps_from_epochs(config, len(train_set), world, say)
+    if config.resume:
+        check_resume_step(out, config.max_steps)
     model = _load_model(config, train_set.label_names, world)
     method = method_for(config)
     method.prepare(model, config)
+    state = get_state(model)
+    if state is not None and ADAPTER in state.configs:  # an adapter trains: say which modules it adapts
+        defaults = config.targets is None
+        config = dataclasses.replace(config, targets=state.configs[ADAPTER].target_modules)
+        say(_describe_targets(state.targets[ADAPTER], config, defaults))
     count = trainable_parameters(model, verbose=world.is_main)
     if count.trainable == 0:
         raise ConfigError("no parameter is trainable after injection; check --targets")
+    if world.is_main:
+        if config.overwrite:
+            remove_run(out)  # only now: a run that fails to start leaves the old one as it was
+        # Written first, so that `--resume` finds the run's settings even if it is killed before the end.
+        atomic_write_json(out / "train_config.json", {**config.to_dict(), "resume": False, "overwrite": False,
+                                                      "adapted_modules": state.targets.get(ADAPTER) if state else None})
+    world.barrier()
 
     pad_id = tokenizer.pad_token_id
     before = None
@@ -81,12 +100,10 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     progress = Progress()
-    if config.resume and list_checkpoints(out):
+    if config.resume:  # check_out_dir made sure there is a checkpoint
         last = list_checkpoints(out)[-1]
         progress = load_checkpoint(last, model, ADAPTER, optimizer, scheduler, method.restore, method.weights_file)
         say(f"resumed from {last} (step {progress.step})")
-    elif config.resume:
-        say(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
 
     run_model = model
     if world.size > 1:
@@ -108,7 +125,8 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     if world.is_main:
         with torch.random.fork_rng():
             metrics = evaluate(model, eval_set, config.task, pad_id, tokenizer=tokenizer, exact_match=config.exact_match)
-        result = _finish(config, out, model, progress, metrics, before, count, t_start, say, tokenizer)
+        result = _finish(config, out, model, progress, metrics, before, count, t_start, say, tokenizer, skipped)
+        say(f"base model: {config.base}" + (f" (--base {BUILTIN})" if Path(config.base) == model_path() else ""))
     else:
         result = TrainResult(out, progress, metrics, [], time.perf_counter() - t_start)
     world.barrier()
@@ -177,10 +195,16 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
         if config.eval_every and progress.step % config.eval_every == 0 and progress.step < config.max_steps:
             _evaluate_during(config, world, model, eval_set, pad_id, tokenizer, progress, out, bar)
         if config.save_every and progress.step % config.save_every == 0 and world.is_main:
-            save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints, method_for(config).save)
+            save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints,
+                            method_for(config).save_checkpoint_weights)
         if config.save_every and progress.step % config.save_every == 0:
             world.barrier()
     bar.close()
+    # Always end with a checkpoint, so a finished run can be continued (--resume with a larger --max-steps).
+    saved = {p.name for p in list_checkpoints(out)} if world.is_main else set()
+    if world.is_main and progress.step > 0 and f"step-{progress.step:06d}" not in saved:
+        save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints)
+    world.barrier()
 
 
 def _next_micro_batch(progress: Progress, dataset, config: TrainConfig, world: World, rows_per_micro: int):
@@ -221,7 +245,7 @@ def _evaluate_during(config, world, model, eval_set, pad_id, tokenizer, progress
     bar.write(f"step {progress.step}: " + _fmt(metrics))
 
 
-def _finish(config, out, model, progress, metrics, before, count, t_start, say, tokenizer=None) -> TrainResult:
+def _finish(config, out, model, progress, metrics, before, count, t_start, say, tokenizer=None, skipped=()) -> TrainResult:
     metrics = {**metrics, "step": progress.step}
     progress.eval_metrics.append(metrics)
     method = method_for(config)
@@ -229,12 +253,13 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         progress.best_eval_loss, progress.best_step = metrics["eval_loss"], progress.step
         method.save(model, out / "best", tokenizer)
     method.save(model, out, tokenizer)
-    usage = []
-    for _, layer in lora_layers(model):
-        a = layer.adapters[ADAPTER]
-        delta = a.lora_B.detach().float().flatten(1) @ a.lora_A.detach().float().flatten(1)
-        usage.append((effective_rank(delta), a.rank))
+    with torch.no_grad():
+        usage = [(effective_rank(a.delta_weight(layer)), a.rank) for _, layer, a in adapter_layers(model, ADAPTER)]
     notes = diagnose(progress, count.trainable, count.total, usage, method=config.method)
+    if skipped:
+        shown, more = skipped[:data_mod.SHOWN_BAD_ROWS], len(skipped) - data_mod.SHOWN_BAD_ROWS
+        notes.insert(0, f"Skipped {len(skipped)} bad data row(s) (--skip-bad-rows): " + "; ".join(shown)
+                     + (f"; ... and {more} more (all in metrics.json)" if more > 0 else ""))
     seconds = time.perf_counter() - t_start
     summary = {
         "config": config.to_dict(),
@@ -255,9 +280,9 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         "eval": progress.eval_metrics,
         "diagnostics": notes,
         "stopped_reason": progress.stopped_reason,
+        "skipped_rows": {"count": len(skipped), "rows": list(skipped)},
     }
     atomic_write_json(out / "metrics.json", summary)
-    atomic_write_json(out / "train_config.json", config.to_dict())
     atomic_write_text(out / "diagnostics.txt", "\n".join(notes) + ("\n" if notes else "no problems found\n"))
     plot = plot_losses(progress, out / "loss.png")
     say("final: " + _fmt(metrics))
@@ -266,8 +291,7 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         say(_comparison(before, metrics))
     for note in notes:
         say("diagnostic: " + note)
-    what = "model" if config.method == "full" else "adapter"
-    say(f"{what}, metrics.json{', loss.png' if plot else ''} and checkpoints in {out} ({seconds:.0f}s)")
+    say(written(out, progress.best_step, plot is not None, seconds, method.output_name))
     return TrainResult(out, progress, metrics, notes, seconds)
 
 
@@ -283,10 +307,46 @@ def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
-def _check_out_dir(out: Path, resume: bool) -> None:
-    if not resume and list_checkpoints(out):
-        raise ConfigError(f"{out} already holds a run ({list_checkpoints(out)[-1].name}); pass --resume to continue "
-                          "it, or choose another --out (nothing was overwritten)")
+def _resolve_paths(config: TrainConfig) -> TrainConfig:
+    """The base checked (`builtin` -> its directory) and data paths made absolute, as train_config.json records them."""
+    base = resolve_base(config.base or BUILTIN, tokenizer=True)
+    paths = {k: str(Path(getattr(config, k)).absolute()) for k in ("data", "eval_data") if getattr(config, k)}
+    return dataclasses.replace(config, base=str(base.absolute()), **paths)
+
+
+def _steps_from_epochs(config: TrainConfig, rows: int, world: World, say) -> TrainConfig:
+    """--epochs N: the optimizer steps that N passes over the training rows take (a partial last batch is dropped)."""
+    if config.epochs is None:
+        return config
+    per_step = config.batch_size * world.size * config.grad_accum
+    steps = max(1, math.ceil(config.epochs * (rows // (config.batch_size * world.size)) / config.grad_accum))
+    say(f"--epochs {config.epochs:g}: {steps} optimizer steps ({rows} training rows, {per_step} per step)")
+    return dataclasses.replace(config, max_steps=steps)
+
+
+def _describe_targets(adapted: list[str], config: TrainConfig, defaulted: bool) -> str:
+    """One line: the targets asked for (or defaulted), and the modules they became, by name and block."""
+    counts: dict[str, int] = {}
+    for name in adapted:
+        leaf = name.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    modules = ", ".join(f"{leaf} x{n}" for leaf, n in counts.items())
+    blocks = sorted({int(m.group(1)) for name in adapted if (m := re.search(r"\.(\d+)\.", name))})
+    where = f" in blocks {_ranges(blocks)}" if blocks else ""
+    targets = config.targets if isinstance(config.targets, str) else ", ".join(config.targets)
+    why = " (this model family's default; choose with --targets)" if defaulted else ""
+    return f"LoRA targets: {targets}{why} -> {len(adapted)} modules{where}: {modules}"
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _seed_everything(seed: int) -> None:
@@ -295,18 +355,37 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_data(config: TrainConfig, tokenizer):
-    if config.task == "causal-lm":
-        ds = data_mod.load_causal_lm(config.data, tokenizer, config.max_length)
+def _load_data(config: TrainConfig, tokenizer, say):
+    """Train and eval splits, and the bad rows skipped (`file:line: problem`; any is an error without --skip-bad-rows)."""
+    def load(path, label_names=None):
+        if config.task == "causal-lm":
+            return data_mod.load_causal_lm(path, tokenizer, config.max_length, config.skip_bad_rows, config.chat_template)
+        return data_mod.load_classification(path, tokenizer, config.max_length, label_names, config.skip_bad_rows)
+
+    ds = load(config.data)
+    loaded = [ds]
+    if config.eval_data:
+        train_set, eval_set = ds, load(config.eval_data, ds.label_names or None)
+        loaded.append(eval_set)
+        if config.max_eval is not None and len(eval_set) > config.max_eval:
+            say(f"evaluating on the first {config.max_eval} of {len(eval_set)} rows of {config.eval_data} (--max-eval)")
+            eval_set.examples = eval_set.examples[: config.max_eval]
     else:
-        ds = data_mod.load_classification(config.data, tokenizer, config.max_length)
-    split_seed = config.seed if config.split_seed is None else config.split_seed
-    train_set, eval_set = data_mod.split(ds, config.eval_fraction, split_seed, config.max_eval)
+        split_seed = config.seed if config.split_seed is None else config.split_seed
+        train_set, eval_set = data_mod.split(ds, config.eval_fraction, split_seed, config.max_eval)
     if config.packing and config.task == "causal-lm":
         train_set.examples = data_mod.pack(train_set.examples, config.max_length)
     if not eval_set.examples:
         eval_set = data_mod.Dataset(train_set.examples[: min(len(train_set), 32)], train_set.label_names, ds.path)
-    return train_set, eval_set
+    skipped = []
+    for d in loaded:
+        formats = ", ".join(f"{n} {kind}" for kind, n in d.formats.items())
+        say(f"data: {d.path}: {formats} row(s)" + (f"; skipped {len(d.bad_rows)} bad row(s):" if d.bad_rows else ""))
+        if d.bad_rows:
+            say(data_mod.describe_bad_rows(d.path, d.bad_rows))
+        skipped += [f"{d.path}:{n}: {p}" for n, p in d.bad_rows]
+    say(f"{len(train_set)} training and {len(eval_set)} held-out examples")
+    return train_set, eval_set, skipped
 
 
 def _load_model(config: TrainConfig, label_names: list[str], world: World) -> nn.Module:

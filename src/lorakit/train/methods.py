@@ -18,8 +18,8 @@ from torch import nn
 from ..adapters import disabled
 from ..config import LoraConfig
 from ..inject import inject
-from ..io import WEIGHTS_NAME, save_adapter
-from .checkpoint import CheckpointError, load_adapter_weights
+from ..io import WEIGHTS_NAME, load_adapter_weights, save_adapter
+from .checkpoint import CheckpointError
 from .config import TrainConfig
 
 ADAPTER = "default"
@@ -29,13 +29,14 @@ class LoraMethod:
     """Train an adapter on a frozen base; OUT receives the adapter in PEFT's format."""
 
     weights_file = WEIGHTS_NAME
+    output_name = "adapter (PEFT format)"
 
     def prepare(self, model: nn.Module, config: TrainConfig) -> None:
-        inject(model, self.lora_config(config), adapter=ADAPTER)
+        inject(model, self.lora_config(config), adapter=ADAPTER, strict=True)  # a mistyped --targets name is an error
 
     def lora_config(self, config: TrainConfig) -> LoraConfig:
         return LoraConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets,
-                          layers_to_transform=config.layers_to_transform, rslora=config.rslora,
+                          layers_to_transform=config.layers_to_transform, rslora=config.rslora, init=config.init,
                           task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",
                           base_model_name_or_path=str(config.base))
 
@@ -49,6 +50,10 @@ class LoraMethod:
     def save(self, model: nn.Module, path: Path, tokenizer=None) -> None:
         save_adapter(model, path)
 
+    def save_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
+        # As trained (PiSSA/OLoRA: A and B for the residual base), so that restore() copies them back exactly.
+        save_adapter(model, path, residual_form=True)
+
     def restore(self, model: nn.Module, path: Path) -> None:
         load_adapter_weights(model, ADAPTER, path)
 
@@ -57,6 +62,7 @@ class FullMethod:
     """Train every weight; OUT receives a full model directory (`from_pretrained` loads it, tokenizer included)."""
 
     weights_file = "model.safetensors"
+    output_name = "model directory (from_pretrained loads it)"
 
     def prepare(self, model: nn.Module, config: TrainConfig) -> None:
         model.requires_grad_(True)
@@ -71,6 +77,9 @@ class FullMethod:
 
     def save(self, model: nn.Module, path: Path, tokenizer=None) -> None:
         save_full_model(model, path, tokenizer)
+
+    def save_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
+        save_full_model(model, path)
 
     def restore(self, model: nn.Module, path: Path) -> None:
         load_full_weights(model, path)

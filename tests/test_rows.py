@@ -10,10 +10,11 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
-from lorakit.inject import lora_layers
-from lorakit.serve.mixed import MixedBatchError, adapter_rows
+from lorakit.state import lora_layers
+from lorakit.adapters import adapter_rows
+from lorakit.rows import MixedBatchError
 
-from ..conftest import VOCAB, randomise_lora
+from .conftest import VOCAB, randomise_lora
 
 ATOL = 1e-5
 
@@ -174,11 +175,11 @@ def test_switching_copies_nothing_and_stacks_are_cached(llama3):
     ptrs = {n: p.data_ptr() for n, p in llama3.named_parameters()}
     with torch.no_grad():
         llama3(x, adapter_names=["a", "b", "c"])
-        stacks = {n: layer.mixed_stack for n, layer in lora_layers(llama3)}
+        stacks = {n: layer.row_stack for n, layer in lora_layers(llama3)}
         llama3(x, adapter_names=["c", None, "a"])
         llama3(x, adapter_names=["b", "b", "b"])
     assert {n: p.data_ptr() for n, p in llama3.named_parameters()} == ptrs
-    assert {n: layer.mixed_stack for n, layer in lora_layers(llama3)} == stacks  # same objects: not rebuilt
+    assert {n: layer.row_stack for n, layer in lora_layers(llama3)} == stacks  # same objects: not rebuilt
 
 
 def test_stacks_follow_adapter_changes(llama3):
@@ -187,13 +188,13 @@ def test_stacks_follow_adapter_changes(llama3):
     with torch.no_grad():
         llama3(x, adapter_names=["a", "b", "c"])
     q = llama3.model.layers[0].self_attn.q_proj
-    before = q.mixed_stack
+    before = q.row_stack
     lorakit.inject(llama3, LoraConfig(r=3, target_modules=["q_proj"]), adapter="d")
     randomise_lora(llama3, std=0.1, seed=5)  # every factor changes in place
     names = ["d", "a", "b"]
     with torch.no_grad():
         got = llama3(x, adapter_names=names).logits
-    assert q.mixed_stack is not before
+    assert q.row_stack is not before
     torch.testing.assert_close(got, rows_alone(llama3, x, names), atol=ATOL, rtol=0)
     lorakit.delete_adapter(llama3, "b")
     with torch.no_grad():

@@ -1,0 +1,15 @@
+"""The README's library snippet runs as written (on a tiny model standing in for the built-in one)."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_library_snippet_runs_as_written(builtin_cache, tmp_path, monkeypatch, capsys):
+    text = README.read_text()
+    snippet = re.search(r"## The library in one screen\n\n```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+\n", capsys.readouterr().out)
+    assert (tmp_path / "out" / "chat" / "adapter_model.safetensors").exists()
