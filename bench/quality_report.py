@@ -8,7 +8,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,7 +30,8 @@ def collect(cells, results: Path) -> dict:
         if entry["status"] == "pending":
             entry["reason"] = record.get("reason")
         if entry["status"] == "done":
-            entry.update(_summary(json.loads((out / "metrics.json").read_text()), cell.task), resumed=record.get("resumed"))
+            entry.update(_summary(json.loads((out / "metrics.json").read_text()), cell.task), resumed=record.get("resumed"),
+                         commit=record.get("commit"))
         found[cell.name] = entry
     return {"generated": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "cells": found}
 
@@ -79,11 +79,6 @@ def _machine() -> dict:
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
     except OSError:
-        pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
         pass
     return info
 
@@ -427,7 +422,7 @@ def render(data: dict, images: dict[str, str]) -> str:
         "difference in the verdicts below.",
         "",
         f"**Machine.** {m.get('cpu', m.get('machine'))}, {m.get('cpus')} cores shared with other work, torch "
-        f"{m.get('torch')}, commit {m.get('commit')}. Step times are medians over the 60 optimizer steps "
+        f"{m.get('torch')}; cells ran from {_commits(cells)}. Step times are medians over the 60 optimizer steps "
         "(evaluation and checkpoints excluded), in wall-clock time and in CPU time of the (single-threaded) "
         "process; other jobs shared the cores, so wall-clock time includes waiting for a core and CPU time is "
         "the one to compare. Peak memory is the process's peak RSS over its whole life (model loading and "
@@ -485,6 +480,13 @@ def render(data: dict, images: dict[str, str]) -> str:
                 [name, e["task"], e["seed"], f"`{e['flags']}`" if e["flags"] else "(demo)", e["status"],
                  _pct(e.get("score")), _cell_note(e)] for name, e in cells.items()]), ""]
     return "\n".join(out)
+
+
+def _commits(cells: dict) -> str:
+    """Which code ran the finished cells (bench/quality.py records the commit of its checkout per cell)."""
+    done = [e.get("commit") or "commit not recorded" for e in cells.values() if e["status"] == "done"]
+    counts = {c: done.count(c) for c in dict.fromkeys(done)}
+    return ", ".join(f"{c} ({n} cells)" for c, n in counts.items()) or "no finished cell yet"
 
 
 def _base_entry(data: dict, task: str) -> dict:

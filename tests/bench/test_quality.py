@@ -55,7 +55,8 @@ def test_runner_runs_cells_resumes_skips_and_marks_pending(study, monkeypatch):
     assert quality.run_study(cells[:2], results, doc, extra, say=lambda *a: None) == {"lora": "done", "full": "done"}
     assert "resumed from" in (results / "logs" / "lora.log").read_text()
     assert json.loads((out / "metrics.json").read_text())["train_loss"] == before["train_loss"]
-    assert json.loads((results / "records" / "lora.json").read_text())["resumed"] is True
+    record = json.loads((results / "records" / "lora.json").read_text())
+    assert record["resumed"] is True and "commit" in record  # which lorakit ran it (None outside a git checkout)
     assert not (out / "checkpoints").exists()  # pruned once finished (without --keep-weights)
 
     def no_run(*a, **k):
