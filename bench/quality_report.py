@@ -345,14 +345,16 @@ def plots(data: dict, folder: Path) -> dict[str, Path]:
         for ax, (key, title, scale) in zip(axes, (("score", "held-out score (%)", 100),
                                                   ("step_cpu_seconds_median", "CPU seconds per step", 1),
                                                   ("peak_memory_bytes", "peak memory (GiB)", 2**-30))):
-            labels, values, colors = [], [], []
+            labels, values, colors, seeds = [], [], [], []
             for table, lo, fu in pairs:
                 task = "words" if table == "headline" else "glosses"
                 for r, color in ((lo, "#3182bd"), (fu, "#e6550d")):
                     labels.append(f"{'LoRA' if r is lo else 'full'}\n{task}")
                     values.append(r.mean(key) * scale)
                     colors.append(color)
-            ax.bar(labels, values, color=colors)
+                    seeds += [(len(labels) - 1, e[key] * scale) for e in r.done if e.get(key) is not None]
+            ax.bar(range(len(labels)), values, color=colors, tick_label=labels)
+            ax.plot(*zip(*seeds), "k.", label="each seed")  # the spread behind each mean
             ax.set_title(title, fontsize=10)
             ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
