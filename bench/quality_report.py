@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 SCORE = {"causal-lm": ("exact_match", "exact match"), "classify": ("accuracy", "accuracy")}
+CLS_LORA = "LoRA r=8 (q,v)"  # the second task's headline LoRA row
 HEADLINE_FULL_LR = 1e-4  # the learning rate of the headline full-FT cells (bench/quality.py)
 STEP_HEADER = "step time, median (wall / CPU)"
 METHOD_ORDER = ["LoRA", "full FT", "DoRA", "VeRA", "AdaLoRA", "PiSSA", "QLoRA", "QLoRA + LoftQ"]
@@ -175,9 +176,17 @@ def _table(header: list[str], lines: list[list[str]], numbers: bool = True) -> s
 
 
 def cost_table(rows: list[Row], first: str, metric: str, before: list[list[str]] = ()) -> str:
-    lines = [*before] + [[r.label, _params(r), _score_cell(r), _num(r.mean("eval_loss")), _step(r),
+    lines = [*before] + [[_label(r.label), _params(r), _score_cell(r), _num(r.mean("eval_loss")), _step(r),
                           _gib(r.mean("peak_memory_bytes"))] for r in rows]
     return _table([first, "trainable params", f"held-out {metric}", "eval loss", STEP_HEADER, "peak memory"], lines)
+
+
+def _label(v) -> str:
+    """Row labels: 1e-4 for learning rates, 16 for α and ranks, text as it is."""
+    if isinstance(v, float) and v < 0.01:
+        mantissa, exponent = f"{v:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
 def _num(v: float | None) -> str:
@@ -199,30 +208,34 @@ def noise(data: dict, table: str = "headline", label: str = "LoRA r=8") -> float
 
 def claims(data: dict) -> list[tuple[str, str, str]]:
     """(claim, verdict, the numbers behind it) for each claim; verdicts come from the measurements only."""
-    band = noise(data)
-    found = [_claim_lora_vs_full(data), _claim_low_rank(data, band), _claim_targets(data, band),
-             *_claim_alpha(data, band), _claim_dora(data, band)]
+    band, cls_band = noise(data), noise(data, "cls-headline", CLS_LORA)
+    found = [_claim_lora_vs_full(data), _claim_lora_vs_full(data, "cls-headline", CLS_LORA),
+             _claim_low_rank(data, band), _claim_targets(data, band),
+             _claim_targets(data, cls_band, "cls-targets", "all linear r=3"), *_claim_alpha(data, band),
+             _claim_dora(data, band)]
     return [c for c in found if c is not None]
 
 
-def _claim_lora_vs_full(data):
+def _claim_lora_vs_full(data, table: str = "headline", lora_label: str = "LoRA r=8"):
     claim = "LoRA reaches 95-100% of full fine-tuning at under 1% of the parameters and 3-4x less memory"
-    lora, full = row(data, "headline", "LoRA r=8"), row(data, "headline", "full FT")
+    if table != "headline":
+        claim += " (second task)"
+    lora, full = row(data, table, lora_label), row(data, table, "full FT")
     if not (lora and full and lora.done and full.done):
         return claim, "not measured yet", ""
     ratio = lora.score / full.score if full.score else float("inf")
     share = lora.done[0]["trainable_params"] / lora.done[0]["total_params"]
     memory = full.mean("peak_memory_bytes") / lora.mean("peak_memory_bytes")
-    by_lr = {r.label: r for r in rows_of(data, "full-lr") if r.score is not None}
+    by_lr = {r.label: r for r in rows_of(data, "full-lr") if r.score is not None} if table == "headline" else {}
     best_full = max(by_lr.values(), key=lambda r: r.score, default=None)
     if best_full is not None and (HEADLINE_FULL_LR not in by_lr or best_full.score <= by_lr[HEADLINE_FULL_LR].score):
         best_full = None  # the headline's learning rate was the best full-FT one measured
-    parts = [f"LoRA r=8 scored {_pct(lora.score)}, full FT (lr 1e-4) {_pct(full.score)}: {100 * ratio:.0f}% of full FT",
+    parts = [f"{lora_label} scored {_pct(lora.score)}, full FT (lr 1e-4) {_pct(full.score)}: {100 * ratio:.0f}% of full FT",
              f"with {100 * share:.2f}% of the parameters trainable",
              f"full FT's peak memory was {memory:.2f}x LoRA's ({_gib(full.mean('peak_memory_bytes'))} vs "
              f"{_gib(lora.mean('peak_memory_bytes'))})"]
     if best_full is not None and best_full.score > full.score:
-        parts.append(f"full FT scored higher at lr {best_full.label:g} ({_pct(best_full.score)}, one seed), and LoRA "
+        parts.append(f"full FT scored higher at lr {_label(best_full.label)} ({_pct(best_full.score)}, one seed), and LoRA "
                      f"reached {100 * lora.score / best_full.score:.0f}% of that")
     quality = ratio >= 0.95 and (best_full is None or lora.score / best_full.score >= 0.95)
     verdicts = [("quality", quality), ("parameters", share < 0.01), ("memory", memory >= 3)]
@@ -250,10 +263,12 @@ def _claim_low_rank(data, band):
     return claim, verdict, detail + "."
 
 
-def _claim_targets(data, band):
+def _claim_targets(data, band, table: str = "targets", all_label: str = "all linear r=8"):
     claim = "Adapting all linear layers beats attention-only at the same parameter count"
-    rows = {r.label: r for r in rows_of(data, "targets") if r.score is not None}
-    full_row, others = rows.get("all linear r=8"), [r for k, r in rows.items() if k != "all linear r=8"]
+    if table != "targets":
+        claim += " (second task)"
+    rows = {r.label: r for r in rows_of(data, table) if r.score is not None}
+    full_row, others = rows.get(all_label), [r for k, r in rows.items() if k != all_label]
     if full_row is None or not others:
         return claim, "not measured yet", ""
     detail = ", ".join(f"{r.label}: {_pct(r.score)} ({r.done[0]['trainable_params']:,} params)"
