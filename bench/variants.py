@@ -43,6 +43,7 @@ class Method:
     peft: Callable[[], object] | None  # a PEFT config (None: PEFT has no such method)
     after_step_ours: Callable[[torch.nn.Module, int], None] | None = None
     after_step_peft: Callable[[torch.nn.Module, int], None] | None = None
+    extra_loss_ours: Callable[[torch.nn.Module], torch.Tensor] | None = None  # PEFT adds its own inside forward
 
 
 def _peft_lora(**kw):
@@ -51,9 +52,32 @@ def _peft_lora(**kw):
     return LoraConfig(target_modules=TARGETS, **kw)
 
 
+def _peft_vera(**kw):
+    from peft import VeraConfig
+
+    return VeraConfig(target_modules=TARGETS, **kw)
+
+
+def _peft_adalora(**kw):
+    from peft import AdaLoraConfig
+
+    # task_type: PEFT adds the orthogonality regulariser in the forward of its task models only
+    return AdaLoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **kw)
+
+
+# AdaLoRA: every timed step is in the budget phase (tinit 0, total_step far away, delta_t 1), the costliest one:
+# importance update and pruning after every step, the regulariser in every loss.
+ADALORA = dict(init_r=12, target_r=8, total_step=10_000)
+
 METHODS: dict[str, Method] = {
     "lora": Method(lambda: lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS),
                    lambda: _peft_lora(r=16, lora_alpha=32)),
+    "adalora": Method(lambda: lorakit.AdaLoraConfig(alpha=32, target_modules=TARGETS, **ADALORA),
+                      lambda: _peft_adalora(lora_alpha=32, **ADALORA),
+                      after_step_ours=lorakit.adalora_step,
+                      after_step_peft=lambda m, step: m.base_model.update_and_allocate(step),
+                      extra_loss_ours=lorakit.adalora_orth_loss),
+    "vera": Method(lambda: lorakit.VeraConfig(r=256, target_modules=TARGETS), lambda: _peft_vera(r=256)),
 }
 
 
@@ -91,20 +115,21 @@ def build(args):
         m = METHODS[name]
         ours = copy.deepcopy(base)
         lorakit.inject(ours, m.ours())
-        models[f"{name} lorakit"] = (ours, m.after_step_ours)
+        models[f"{name} lorakit"] = (ours, m.after_step_ours, m.extra_loss_ours)
         if m.peft is not None:
             from peft import get_peft_model
 
-            models[f"{name} peft"] = (get_peft_model(copy.deepcopy(base), m.peft()), m.after_step_peft)
+            models[f"{name} peft"] = (get_peft_model(copy.deepcopy(base), m.peft()), m.after_step_peft, None)
     return base, floor, models
 
 
-def step_fn(model, after_step, ids):
+def step_fn(model, after_step, extra_loss, ids):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     count = [0]
 
     def run():
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        (loss if extra_loss is None else loss + extra_loss(model)).backward()
         opt.step()
         count[0] += 1
         if after_step is not None:
@@ -120,17 +145,17 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     base, floor, models = build(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in models.items()}
+    counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _, _) in models.items()}
 
     def floor_step():
         floor(input_ids=ids, labels=ids).loss.backward()
 
     fns = {"floor": floor_step}
-    for k, (m, after) in models.items():
+    for k, (m, after, extra) in models.items():
         m.train()
-        fns[k] = step_fn(m, after, ids)
+        fns[k] = step_fn(m, after, extra, ids)
     train = interleaved(fns, args.reps)
-    for m, _ in models.values():
+    for m, _, _ in models.values():
         m.eval()
 
     def fwd(model):
@@ -139,7 +164,7 @@ def main(argv=None) -> int:
                 model(input_ids=ids)
         return run
 
-    forward = interleaved({"base": fwd(base), **{k: fwd(m) for k, (m, _) in models.items()}}, args.reps)
+    forward = interleaved({"base": fwd(base), **{k: fwd(m) for k, (m, _, _) in models.items()}}, args.reps)
 
     print(f"# bench/variants.py  {time.strftime('%Y-%m-%d %H:%M')}, 1 thread, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"model: Llama hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}; batch {args.batch} x {args.seq}; "

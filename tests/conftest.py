@@ -9,10 +9,25 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `--device auto` (every command's default) means the CPU in tests, subprocesses included, so that results do not
+# depend on the machine; tests marked `cuda` ask for the GPU by name. LORAKIT_DEVICE=cuda runs the rest on a GPU too.
+os.environ.setdefault("LORAKIT_DEVICE", "cpu")
 # Two cores shared with other work: one intra-op thread avoids OpenMP wake-up stalls of ~15 ms per op.
 torch.set_num_threads(1)
 
 VOCAB = 128
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped, with the reason, where torch finds none."""
+    if torch.cuda.is_available():
+        return
+    from lorakit.device import no_cuda_reason
+
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU; {no_cuda_reason()}")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 def llama_config():

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .device import add_device_argument
 from .errors import LorakitError
 
 # Subcommands that live in their own packages, with the extra that installs what they need.
 LATER_COMMANDS = (("lorakit.train.cli", "train", "train"), ("lorakit.train.generate_cli", "generate", "train"),
-                  ("lorakit.serve.cli", "serve", "serve"), ("lorakit.train.diagnose_cli", "diagnose", "train"))
+                  ("lorakit.serve.cli", "serve", "serve"), ("lorakit.compose.cli", "combine", "train"),
+                  ("lorakit.plan.cli", "plan", "train"),
+                  ("lorakit.train.diagnose_cli", "diagnose", "train"))
 
 
 def _inspect(args) -> int:
@@ -20,21 +23,39 @@ def _inspect(args) -> int:
     if args.layers:
         for lr in report.layers:
             print(f"  {lr.module:60s} r={lr.rank:<4d} effective={lr.effective_rank:<4d} |ΔW|={lr.norm:.4g}")
+    if args.spectrum:
+        from pathlib import Path
+
+        from .compose.spectrum import format_spectrum, layer_spectra, plot_spectrum
+
+        spectra = layer_spectra(args.adapter)
+        print(format_spectrum(spectra))
+        plot = args.plot or f"{Path(args.adapter).resolve().name}-spectrum.png"
+        if plot_spectrum(spectra, plot, title=f"{Path(args.adapter).name}: energy kept by rank"):
+            print(f"plot written to {plot}")
     return 0
 
 
 def _merge(args) -> int:
     from .merge_cli import merge_to_directory
 
-    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    merge_to_directory(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite, device=args.device)
     print(f"merged model written to {args.out}")
+    return 0
+
+
+def _convert(args) -> int:
+    from .convert import adalora_to_lora
+
+    adalora_to_lora(args.adapter, args.out)
+    print(f"LoRA adapter with equal outputs written to {args.out}")
     return 0
 
 
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return 0 if run_demo(steps=args.steps)["ok"] else 1
+    return 0 if run_demo(steps=args.steps, device=args.device)["ok"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--layers", action="store_true", help="also list every layer")
     p.add_argument("--fast", action="store_true", help="skip the per-layer SVD")
+    p.add_argument("--spectrum", action="store_true", help="each layer's share of ||ΔW||² kept at rank 1, 2, 4, ... "
+                   "and a PNG plot of it")
+    p.add_argument("--plot", help="where --spectrum writes its PNG (default: <adapter>-spectrum.png here)")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("merge", help="fold an adapter into its base and write a plain model",
@@ -59,10 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="dtype to load, merge and save in (default: merge in fp32, save in the base's stored dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    add_device_argument(p)
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("convert", help="rewrite an adapter in another method's form with equal outputs (AdaLoRA -> LoRA)")
+    p.add_argument("adapter", help="adapter directory to convert (an AdaLoRA adapter)")
+    p.add_argument("--to", required=True, choices=["lora"], help="the form to write: lora (servable by any LoRA server)")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("demo", help="inject, train, save, reload and merge on a tiny built-in model")
     p.add_argument("--steps", type=int, default=60)
+    add_device_argument(p)
     p.set_defaults(func=_demo)
 
     _add_later_commands(sub)

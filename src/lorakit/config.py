@@ -63,18 +63,8 @@ class LoraConfig:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INIT_MODES and not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
             raise ConfigError(f"init must be one of {INIT_MODES} or 'pissa_niter_N' (N ≥ 1), got {self.init!r}")
-        self.target_modules = _normalise_names("target_modules", self.target_modules)
         self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ConfigError("target_modules is an empty list: name at least one module, e.g. ['q_proj', 'v_proj']")
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if self.layers_to_transform is not None:
-            self.layers_to_transform = [int(i) for i in self.layers_to_transform]
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if self.task_type == "SEQ_CLS":  # as PEFT does: a new classification head must be trained in full
-            self.modules_to_save = list(dict.fromkeys((self.modules_to_save or []) + ["classifier", "score"]))
+        normalise_shared_fields(self)
 
     @property
     def method(self) -> str:
@@ -162,6 +152,22 @@ def _init_from_peft(value: Any) -> str:
         return value
     raise ConfigError(f"init_lora_weights={value!r} is an initialisation lorakit does not support; "
                       f"supported: True, {', '.join(repr(m) for m in INIT_MODES[1:])}, 'pissa_niter_N'")
+
+
+def normalise_shared_fields(config) -> None:
+    """Check and normalise the fields every method's config shares with PEFT's: targets, layer indices,
+    saved modules, and the classification head that SEQ_CLS trains in full."""
+    config.target_modules = _normalise_names("target_modules", config.target_modules)
+    if isinstance(config.target_modules, list) and not config.target_modules:
+        raise ConfigError("target_modules is an empty list: name at least one module, e.g. ['q_proj', 'v_proj']")
+    if isinstance(config.layers_to_transform, int):
+        config.layers_to_transform = [config.layers_to_transform]
+    if config.layers_to_transform is not None:
+        config.layers_to_transform = [int(i) for i in config.layers_to_transform]
+    if isinstance(config.modules_to_save, str):
+        config.modules_to_save = [config.modules_to_save]
+    if config.task_type == "SEQ_CLS":  # as PEFT does: a new classification head must be trained in full
+        config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + ["classifier", "score"]))
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import LoraConfig, inject, load_adapter, merge, save_adapter, trainable_parameters, unmerge
+from .device import describe, resolve_device
 from .hf import load_base_model
 
 
@@ -23,13 +24,15 @@ def tiny_llama_dir(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def run_demo(steps: int = 60) -> dict[str, float | bool]:
+def run_demo(steps: int = 60, device: str | torch.device = "auto") -> dict[str, float | bool]:
     t0 = time.perf_counter()
+    device = resolve_device(device)
+    print(f"device: {describe(device)}")
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = tiny_llama_dir(Path(tmp) / "base")
-        model = load_base_model(base_dir, "CAUSAL_LM")
+        model = load_base_model(base_dir, "CAUSAL_LM").to(device)
         torch.manual_seed(0)
-        seq = torch.randint(0, 256, (4, 32))  # the "data set": four random sequences to memorise
+        seq = torch.randint(0, 256, (4, 32)).to(device)  # the "data set": four random sequences to memorise
         with torch.no_grad():
             base_loss = model(seq, labels=seq).loss.item()
         inject(model, LoraConfig(r=8, alpha=16, target_modules="all-linear"))
@@ -48,7 +51,7 @@ def run_demo(steps: int = 60) -> dict[str, float | bool]:
         print(f"saved adapter: {sorted(p.name for p in adapter_dir.iterdir())}")
         with torch.no_grad():
             trained = model(seq).logits
-            fresh = load_adapter(load_base_model(base_dir, "CAUSAL_LM"), adapter_dir)
+            fresh = load_adapter(load_base_model(base_dir, "CAUSAL_LM").to(device), adapter_dir)
             reloaded = fresh(seq).logits
             merge(fresh)
             merged = fresh(seq).logits

@@ -50,3 +50,11 @@ class ShapeMismatchError(IncompatibleAdapterError):
 
 class MergeStateError(LorakitError, RuntimeError):
     """An operation that needs merged (or unmerged) weights was called in the other state."""
+
+
+class ModelConfigError(LorakitError, ValueError):
+    """A model config (config.json) is missing, unreadable, or lacks a key a plan needs."""
+
+
+class DeviceError(LorakitError, ValueError):
+    """A `--device` (or `device=`) that is malformed, or names a GPU this machine does not have."""

@@ -2,7 +2,8 @@
 hand-written backward for the frozen weight, and the rule that folds `scale·B·A` into the weight for long batches.
 
 Kept apart from layers.py because it is an optimisation: layers.py states the math, this file makes it fast.
-Variants whose update is low-rank (VeRA, AdaLoRA) reuse it by passing their effective factors as A and B.
+Variants whose update is low-rank (AdaLoRA) reuse it by passing their effective factors as A and B; VeRA reuses
+the folding rule with its own backward (variants/vera.py): the gradient it needs is two vectors, not two matrices.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ class AdapterReport:
     path: str
     method: str  # lora, dora, vera, adalora
     r: int
-    alpha: float
+    alpha: float | None  # None: the method has no alpha (VeRA)
     scale: float
     rslora: bool
     target_modules: list[str] | str
@@ -35,7 +35,8 @@ class AdapterReport:
     file_bytes: int
     dtypes: list[str]
     layers: list[LayerReport] = field(default_factory=list)
-    num_layers: int = 0  # adapted modules, also known when the per-layer SVD is skipped
+    note: str | None = None  # why there is no per-layer report
+    num_layers: int = 0  # layers the file adapts
 
     def format(self) -> str:
         lines = [
@@ -44,15 +45,17 @@ class AdapterReport:
             f"base model     {self.base_model or 'unknown'}",
             f"task           {self.task_type or 'unknown'}",
             f"rank r         {self.r}",
-            f"alpha          {self.alpha:g}  (scale {self.scale:g}{', rsLoRA' if self.rslora else ''})",
+            f"alpha          {'none' if self.alpha is None else f'{self.alpha:g}'}  (scale {self.scale:g}{', rsLoRA' if self.rslora else ''})",
             f"targets        {self.target_modules if isinstance(self.target_modules, str) else ', '.join(self.target_modules)}",
-            f"layers         {self.num_layers}",
+            f"layers         {self.num_layers or len(self.layers)}",
             f"parameters     {self.num_parameters:,}",
             f"file size      {_human(self.file_bytes)}  ({', '.join(self.dtypes)})",
         ]
         if self.layers:
             used = [lr.effective_rank for lr in self.layers]
             lines.append(f"effective rank {min(used)}-{max(used)} of r (90% of singular-value energy), mean {sum(used)/len(used):.1f}")
+        if self.note:
+            lines.append(f"effective rank {self.note}")
         return "\n".join(lines)
 
 
@@ -65,18 +68,23 @@ def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterR
         factor = split_factor_key(key)
         if factor:
             parts.setdefault(factor[0], {})[factor[1]] = value
-    layers = []
+    cls = adapter_class(config)
+    layers, note = [], None
     if per_layer:
-        cls = adapter_class(config)
         for module, layer_parts in sorted(parts.items(), key=lambda item: _natural(item[0])):
             delta = cls.delta_from_file(layer_parts, config, module)
+            if delta is None:  # the file alone does not determine ΔW (VeRA: a layer's input width is not in it)
+                layers, note = [], f"not available: a {config.method} file alone does not determine each layer's update"
+                break
             layers.append(_layer_report(module, delta, config.rank_for(module)))
     return AdapterReport(
-        path=str(path), method=config.method, r=config.r, alpha=config.alpha, scale=config.scale_for(""), rslora=config.rslora,
-        target_modules=config.target_modules, task_type=config.task_type, base_model=config.base_model_name_or_path,
-        num_parameters=sum(t.numel() for t in tensors.values()),
+        path=str(path), method=config.method, r=config.r, alpha=getattr(config, "alpha", None), scale=config.scale_for(""),
+        rslora=getattr(config, "rslora", False), target_modules=config.target_modules, task_type=config.task_type,
+        base_model=config.base_model_name_or_path,
+        # What trains; model-level tensors (VeRA's frozen shared projections) count in the file size only.
+        num_parameters=sum(t.numel() for k, t in tensors.items() if not cls.is_model_tensor(k)),
         file_bytes=(path / WEIGHTS_NAME).stat().st_size + (path / CONFIG_NAME).stat().st_size,
-        dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}), layers=layers,
+        dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}), layers=layers, note=note,
         num_layers=len(parts),
     )
 

@@ -95,9 +95,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     peft["fan_in_fan_out"] = any(layer.type.fan_in_fan_out for _, layer, _ in adapter_layers(model, adapter))
     if peft["task_type"] is None:
         peft["task_type"] = _guess_task_type(model)
-    # Weights first, config last: a directory with a config always has the weights that go with it.
+    return write_adapter_files(path, peft, tensors)
+
+
+def write_adapter_files(path: str | os.PathLike, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter directory from PEFT's config dict and tensors keyed as in the file, each file atomically.
+    Weights first, config last: a directory with a config always has the weights that go with it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_json(path / CONFIG_NAME, peft)
+    atomic_write_json(path / CONFIG_NAME, peft_config)
     return path
 
 
@@ -193,7 +201,7 @@ class AdapterFiles:
 
     @property
     def modules(self) -> list[str]:
-        return list(dict.fromkeys(t.module for t in self.tensors if t.name is not None))
+        return list(dict.fromkeys(t.module for t in self.tensors if t.name is not None and t.module))  # not model-level
 
 
 def check_adapter_files(path: str | os.PathLike, model: nn.Module | None = None,

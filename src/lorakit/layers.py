@@ -142,6 +142,7 @@ class LoraAdapter(nn.Module):
     """
 
     method = "lora"
+    low_rank_delta = True  # ΔW = scale·B·A with factors() exactly (DoRA's is not: combine/resize refuse it)
 
     def __init__(self, base: nn.Module, ltype: LayerType, r: int, scale: float, dropout: float = 0.0,
                  init: str = "kaiming"):
@@ -210,9 +211,14 @@ class LoraAdapter(nn.Module):
             layer.type.fusable
             and (isinstance(self.dropout, nn.Identity) or not self.training)
             and not base_weight.requires_grad
-            and self.lora_A.dtype == x.dtype == base_weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            and self.factor_dtype == x.dtype == base_weight.dtype
+            and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
         )
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """The dtype the adapter computes in (the fused path needs input, weight and factors alike)."""
+        return self.lora_A.dtype
 
     def row_factors(self, layer: "LoraLayer") -> tuple[torch.Tensor, torch.Tensor]:
         """(Aᵀ (in, r), scale·Bᵀ (r, out)): what per-row batches stack."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .device import resolve_device
 from .errors import ConfigError
 from .files import atomic_directory
 from .hf import DTYPES, has_tokenizer, load_base_model, load_tokenizer, resolve_base, stored_dtype
@@ -14,16 +15,18 @@ from .io import load_adapter, read_adapter_config
 from .merge import merge_and_unload
 
 
-def merge_to_directory(base: str, adapter: str, out: str, dtype: str | None = None, overwrite: bool = False) -> Path:
+def merge_to_directory(base: str, adapter: str, out: str, dtype: str | None = None, overwrite: bool = False,
+                       device: str | torch.device = "auto") -> Path:
     """Write base + adapter as one plain model to `out`, stored in `dtype` (default: the dtype the base's own
-    weights are stored in, so a float16 base gives a float16 model of the same size)."""
+    weights are stored in, so a float16 base gives a float16 model of the same size). The merge runs on `device`."""
+    device = resolve_device(device)  # first: a GPU that is not there is said before anything loads
     base_dir = resolve_base(base)
     out_path = Path(out)
     _check_out(out_path, base_dir, Path(adapter), overwrite)
     config = read_adapter_config(adapter)
     save_dtype = DTYPES[dtype] if dtype else stored_dtype(base_dir)
     # Without --dtype the merge runs in float32 and is rounded once, to the base's dtype, when saved.
-    model = load_base_model(base_dir, config.task_type or "CAUSAL_LM", dtype=dtype or torch.float32)
+    model = load_base_model(base_dir, config.task_type or "CAUSAL_LM", dtype=dtype or torch.float32).to(device)
     load_adapter(model, adapter)
     model = merge_and_unload(model)
     if save_dtype is not None:

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from ..device import add_device_argument
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
@@ -36,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="dtype to load the base in")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the engine (default: torch's choice; 1 is often faster on a busy small CPU)")
+    add_device_argument(p)
     p.set_defaults(func=run_serve)
 
 
@@ -61,9 +64,11 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from ..device import resolve_device
     from ..hf import resolve_base
 
-    base = resolve_base(args.base, tokenizer=True)  # before the server or the model loads
+    device = resolve_device(args.device)  # before the server or the model loads, as the base's check
+    base = resolve_base(args.base, tokenizer=True)
     import torch
     import uvicorn
 
@@ -76,7 +81,8 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.name or os.path.basename(os.path.normpath(args.base))  # as vLLM: the name --base was given by
     app = create_app(base, adapters=parse_adapters(args.adapters), adapter_root=args.adapter_root,
                      api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, base_name=name,
-                     dtype=args.dtype, max_loaded=args.max_loaded, max_bytes=max_bytes, max_lora_rank=args.max_lora_rank)
+                     dtype=args.dtype, max_loaded=args.max_loaded, max_bytes=max_bytes, max_lora_rank=args.max_lora_rank,
+                     device=device)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)

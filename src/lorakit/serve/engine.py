@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import model_device
 from ..errors import ConfigError, LorakitError
 
 
@@ -166,7 +167,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token from a row's logits: greedy at temperature 0, else temperature + nucleus (top_p)."""
     if params.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # Drawn where the request's generator lives (the CPU): a seed gives the same draws whatever the model's device.
+    probs = torch.softmax(logits.float().to(generator.device) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the most likely token)
@@ -195,7 +197,7 @@ class BatchCache:
     def add(self, row_cache) -> None:
         """Append one row (the cache of a prefill of batch 1), padding on the left to a common length."""
         n = row_cache.get_seq_length()
-        row_mask = torch.ones(1, n, dtype=torch.long)
+        row_mask = torch.ones(1, n, dtype=torch.long, device=row_cache.layers[0].keys.device)
         if self.cache is None:
             self.cache, self.mask = row_cache, row_mask
             return
@@ -210,7 +212,7 @@ class BatchCache:
         if not rows:
             self.cache = self.mask = None
             return
-        idx = torch.tensor(rows)
+        idx = torch.tensor(rows, device=self.mask.device)
         mask = self.mask[idx]
         start = int(mask.any(0).int().argmax())
         self.mask = mask[:, start:]
@@ -246,6 +248,7 @@ class Engine:
         self.model, self.tokenizer, self.adapters = model.eval(), tokenizer, adapters
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_context = _max_context(model)
+        self.device = model_device(model)  # ids and positions are made here; the model stays where it is
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -362,7 +365,7 @@ class Engine:
             if req.adapter is not None and req.model_adapter is None:
                 req.model_adapter = self.adapters.acquire(req.adapter)
             cache = _new_cache()
-            logits = self._forward(torch.tensor([req.prompt]), [req.model_adapter], cache)
+            logits = self._forward(torch.tensor([req.prompt], device=self.device), [req.model_adapter], cache)
         except Exception as e:  # this request fails (e.g. its adapter no longer loads); the batch goes on
             self._finish(req, "error", error=f"{type(e).__name__}: {e}")
             return
@@ -373,8 +376,8 @@ class Engine:
 
     def _decode(self) -> None:
         rows = self._rows
-        ids = torch.tensor([[r.generated[-1]] for r in rows])
-        positions = torch.tensor([[len(r.prompt) + len(r.generated) - 1] for r in rows])
+        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([[len(r.prompt) + len(r.generated) - 1] for r in rows], device=self.device)
         mask = self._cache.grow()
         logits = self._forward(ids, [r.model_adapter for r in rows], self._cache.cache, attention_mask=mask,
                                position_ids=positions)

@@ -62,15 +62,16 @@ class ServerState:
 def create_app(base, *, tokenizer=None, adapters: dict[str, str] | None = None, adapter_root: str | os.PathLike | None = None,
                api_key: str | None = None, max_batch: int = 8, max_queue: int = 64, base_name: str | None = None,
                dtype: str | None = None, max_loaded: int | None = None, max_bytes: int | None = None,
-               max_lora_rank: int | None = None) -> FastAPI:
+               max_lora_rank: int | None = None, device=None) -> FastAPI:
     """The server app for `base` (a model directory, or a loaded model plus `tokenizer`) and named adapter directories.
 
     `adapter_root`: every adapter, named here or loaded by `POST /v1/adapters`, must lie inside it; without
     it, loading at run time is refused. `max_loaded`/`max_bytes` cap the adapters kept on the base (LRU);
-    `max_lora_rank` refuses adapters of a higher rank.
+    `max_lora_rank` refuses adapters of a higher rank. `device` (auto, cpu, cuda, cuda:N): where a directory's
+    model runs; a model passed in runs where it is.
     The engine thread starts and stops with the app.
     """
-    model, tokenizer, base_name = _load_base(base, tokenizer, base_name, dtype)
+    model, tokenizer, base_name = _load_base(base, tokenizer, base_name, dtype, device)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     # The store changes the model only under the engine's lock, i.e. between decode steps.
     store = AdapterStore(model, root=adapter_root, max_loaded=max_loaded, max_bytes=max_bytes, model_lock=engine.model_lock)
@@ -98,17 +99,23 @@ def create_app(base, *, tokenizer=None, adapters: dict[str, str] | None = None, 
     return app
 
 
-def _load_base(base, tokenizer, base_name, dtype):
+def _load_base(base, tokenizer, base_name, dtype, device):
     from torch import nn
+
+    from ..device import model_device, resolve_device
+    from ..errors import ConfigError
 
     if isinstance(base, nn.Module):
         if tokenizer is None:
             raise ValueError("create_app(model) needs tokenizer=...; or pass the base model's directory")
+        if device is not None and resolve_device(device) != model_device(base):  # a model is served where it is
+            raise ConfigError(f"create_app(model, device={str(device)!r}): the model is on {model_device(base)}; move "
+                              "it first (model.to(device)), or pass the base model's directory with device=")
         return base, tokenizer, base_name or getattr(base.config, "_name_or_path", "") or "base"
     from ..hf import load_base_model, load_tokenizer
 
     path = os.fspath(base)
-    model = load_base_model(path, dtype=dtype).eval()
+    model = load_base_model(path, dtype=dtype).to(resolve_device(device)).eval()
     tok = tokenizer if tokenizer is not None else load_tokenizer(path)
     return model, tok, base_name or os.path.basename(os.path.normpath(path))
 

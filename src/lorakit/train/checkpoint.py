@@ -1,4 +1,5 @@
-"""Checkpoints that lose nothing: adapter + optimizer + scheduler + RNG + data position, written atomically.
+"""Checkpoints that lose nothing: adapter + optimizer + scheduler + RNG + data position, written atomically; a
+checkpoint written on a GPU resumes on the CPU and back.
 
 Layout:  OUT/checkpoints/step-000040/{adapter_config.json, adapter_model.safetensors, optimizer.pt,
          scheduler.pt, rng.pt, state.json}. A step directory appears only when complete (temp dir + rename),
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..files import atomic_directory
-from ..io import load_adapter_weights, save_adapter
+from ..io import load_adapter_weights
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -59,7 +60,7 @@ def rng_state() -> dict[str, torch.Tensor]:
         "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": torch.tensor(np_state[2]),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # a run that used a GPU (asking a CPU run would start CUDA for nothing)
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     return state
 
@@ -68,13 +69,15 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((int(state["python_version"]), tuple(int(x) for x in state["python"].tolist()), None))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    # Checkpoints move between machines: a GPU run's CUDA states are restored for the GPUs this machine has
+    # (none on a CPU); a CPU run's checkpoint has none, and CUDA keeps the generator the run seeded at its start.
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+        torch.cuda.set_rng_state_all(list(state["cuda"])[: torch.cuda.device_count()])
 
 
 def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, progress: Progress, keep: int,
-                    save_weights: Callable[[nn.Module, Path], object] = save_adapter) -> Path:
-    """`save_weights(model, dir)` writes what trains (default: the adapter; full fine-tuning: the model)."""
+                    save_weights: Callable[[nn.Module, Path], object]) -> Path:
+    """`save_weights(model, dir)` writes what trains, as the method restores it (train/methods.py)."""
     root = out / "checkpoints"
     target = root / f"step-{progress.step:06d}"
     with atomic_directory(target) as tmp:
@@ -108,10 +111,10 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str, optimizer, sched
         load_adapter_weights(model, adapter, path)
     else:
         restore_weights(model, path)
-    try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    try:  # read onto the CPU wherever they were written; load_state_dict moves each state beside its parameter
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True, map_location="cpu"))
         raw = json.loads((path / "state.json").read_text())
     except (RuntimeError, ValueError, KeyError, EOFError) as e:
         raise CheckpointError(f"checkpoint {path} could not be restored ({e}); it may come from another run") from None

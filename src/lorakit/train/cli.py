@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..device import add_device_argument
 from ..errors import ConfigError
 from ..hf import BUILTIN
-from .config import LORA_ONLY, METHODS, TrainConfig, full_refusal, read_config_file, resolve
+from .config import LORA_ONLY, METHOD_DEFAULTS, METHODS, TrainConfig, full_refusal, read_config_file, resolve
 
 
 def add_parser(sub) -> None:
@@ -28,8 +29,11 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-data", help="held-out JSONL/CSV data (default: hold out --eval-fraction of --data)")
     p.add_argument("--task", choices=["causal-lm", "classify"], help=f"default {d.task}")
     p.add_argument("--out", "--output-dir", dest="out", help=f"output directory (default {d.out})")
-    p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter) or full (every weight; OUT "
-                   f"receives a full model directory) (default {d.method})")
+    p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter), adalora (an adapter whose rank "
+                   f"budget moves to the layers that need it: 1.5x --rank pruned to --rank on average), vera (a VeRA "
+                   f"adapter: --rank defaults to 256, --lr to 3e-2), full (every weight; OUT receives a full model "
+                   f"directory) or mixture (routers over --mixture experts) "
+                   f"(default {d.method})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     p.add_argument("--epochs", "--num-train-epochs", dest="epochs", type=float,
                    help="passes over the training rows (sets --max-steps)")
@@ -49,6 +53,10 @@ def add_parser(sub) -> None:
                         "nothing is an error")
     p.add_argument("--layers", type=int, nargs="+", dest="layers_to_transform", help="only these block indices")
     p.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
+    p.add_argument("--mixture", nargs="+", metavar="NAME=DIR", help="train a mixture of these frozen expert adapters: "
+                   "only a per-layer router that weights them per token trains (X-LoRA / MoLE style)")
+    p.add_argument("--top-k", type=int, help="mixture: route each token to its k best experts (default: all, weighted)")
+    p.add_argument("--load-balance", type=float, help="mixture: weight of the load-balancing loss (default 0.01)")
     p.add_argument("--init", help="how A and B start: kaiming (default; B = 0), gaussian, pissa, pissa_niter_N (randomised "
                    "SVD), olora; pissa/olora start from the base's principal directions (the base keeps the residual)")
     p.add_argument("--batch-size", "--per-device-train-batch-size", dest="batch_size", type=int,
@@ -62,6 +70,7 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16"])
+    add_device_argument(p, default=None)  # None: the config file's (or a resumed run's), else auto
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--max-length", type=int)
     p.add_argument("--packing", action="store_true", default=None, help="pack text rows into max-length blocks")
@@ -82,6 +91,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "threads")}
     if flags.get("targets") and len(flags["targets"]) == 1:
         flags["targets"] = flags["targets"][0]  # one value: a name, a regex or "all-linear"
+    if flags.get("mixture"):
+        flags["mixture"] = parse_experts(flags["mixture"])
     if flags.get("max_grad_norm") == 0:
         flags["max_grad_norm"] = None
     if flags.get("epochs") is not None and flags.get("max_steps") is not None:
@@ -95,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             file_values.pop(other, None)
     merged = {**file_values, **{k: v for k, v in flags.items() if v is not None}}
     full = merged.get("method") == "full"
+    method_defaults = METHOD_DEFAULTS.get(merged.get("method"), {})
     given = [k for k in LORA_ONLY if k in file_values or flags.get(k) is not None]
     if full and given:
         raise ConfigError(full_refusal(given))
@@ -104,11 +116,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         demo = demo_settings(merged.get("task", "causal-lm"))
         if full:  # the demo's adapter settings; full fine-tuning trains every layer
             demo = {k: v for k, v in demo.items() if k not in LORA_ONLY}
-        file_values = {**demo, **file_values}
+        file_values = {**demo, **method_defaults, **file_values}
     elif merged.get("data") is None:
         raise ConfigError("--data is missing: pass the training data (JSONL/CSV), or neither --base nor --data "
                           "for the built-in demo")
+    else:
+        file_values = {**method_defaults, **file_values}
     return resolve(file_values, flags)
+
+
+def parse_experts(items: list[str]) -> dict[str, str]:
+    experts = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise ConfigError(f"--mixture {item!r}: write each expert as NAME=DIR, e.g. words=runs/words")
+        if name in experts:
+            raise ConfigError(f"--mixture names expert {name!r} twice")
+        experts[name] = path
+    return experts
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import MergeStateError
 from .checkpoint import Progress
 
 # An adapter's update ‖ΔW‖ is "exploding" above this share of the pretrained weight's norm ‖W0‖ (the demo's
@@ -153,7 +154,10 @@ def scan_model(model: nn.Module) -> list[Finding]:
             if not all(torch.isfinite(p).all() for p in adapter.parameters()):
                 bad.append(f"{name} ({adapter_name})")
                 continue
-            A, B = (f.detach() for f in adapter.factors())  # every variant's effective ΔW = scale·B·A
+            try:
+                A, B = (f.detach() for f in adapter.factors())  # every variant's effective ΔW = scale·B·A
+            except MergeStateError:  # a mixture of experts has no single ΔW
+                continue
             norm, used = low_rank_stats(A, B)
             norms.append((name, adapter.scale * norm, base_norm))
             usage.append((used, adapter.rank))

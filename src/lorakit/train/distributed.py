@@ -1,4 +1,5 @@
-"""Data parallelism through torch.distributed (torchrun sets the environment): gloo on CPU, nccl on GPU."""
+"""The processes of a run and their devices: one process on the chosen device, or data parallelism through
+torch.distributed (torchrun sets the environment): nccl with one GPU per process, gloo on CPU."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..device import parse_device, resolve_device
+from ..errors import DeviceError
 
 
 @dataclass
@@ -31,20 +35,29 @@ class World:
             dist.barrier()
 
 
-def init_world() -> World:
-    """Join the process group torchrun describes; a plain `python` run is a world of one."""
+def init_world(device: str | torch.device = "auto") -> World:
+    """A plain `python` run is a world of one, on `device` (auto: the GPU when CUDA is available). Under torchrun,
+    join its process group: with a GPU each process uses the one of its local rank (nccl), else the CPU (gloo)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World()
+        chosen = resolve_device(device)
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)  # kernels and libraries that use "the current GPU" use this one
+        return World(device=chosen)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
+    chosen = resolve_device(device)
+    if chosen.type == "cuda":
+        if str(device).strip().lower() != "auto" and parse_device(device)[1] is not None:
+            raise DeviceError(f"device {str(device)!r}: under torchrun each process uses the GPU of its local rank "
+                              "(cuda:LOCAL_RANK); pass --device cuda (or auto), or CUDA_VISIBLE_DEVICES to choose GPUs")
+        chosen = resolve_device(f"cuda:{local}")  # fewer GPUs than processes: the error gives the count
+        torch.cuda.set_device(chosen)
+        backend = "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    return World(rank, size, device)
+    return World(rank, size, chosen)
 
 
 def close_world(world: World) -> None:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..device import model_device, to_device
 from .data import IGNORE_INDEX, Dataset, Example, collate
 from .loss import loss_fn
 
@@ -15,11 +16,12 @@ from .loss import loss_fn
 def evaluate(model: nn.Module, dataset: Dataset, task: str, pad_id: int, batch_size: int = 16,
              tokenizer=None, exact_match: bool = True) -> dict[str, float]:
     was_training = model.training
+    device = model_device(model)  # the batches go where the model is
     model.eval()
     try:
         total, count = 0.0, 0
         for i in range(0, len(dataset), batch_size):
-            loss, n = loss_fn(task)(model, collate(dataset.examples[i:i + batch_size], pad_id))
+            loss, n = loss_fn(task)(model, to_device(collate(dataset.examples[i:i + batch_size], pad_id), device))
             total, count = total + float(loss), count + n
         metrics = {"eval_loss": total / max(count, 1)}
         if task == "causal-lm":
@@ -37,7 +39,7 @@ def evaluate(model: nn.Module, dataset: Dataset, task: str, pad_id: int, batch_s
 def classification_metrics(model: nn.Module, dataset: Dataset, pad_id: int, batch_size: int) -> dict[str, float]:
     preds, golds = [], []
     for i in range(0, len(dataset), batch_size):
-        batch = collate(dataset.examples[i:i + batch_size], pad_id)
+        batch = to_device(collate(dataset.examples[i:i + batch_size], pad_id), model_device(model))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         preds += logits.argmax(-1).tolist()
         golds += batch["labels"].tolist()
@@ -63,11 +65,11 @@ def generate_completions(model: nn.Module, tokenizer, prompts: list[str] | list[
         chunk = prompts[i:i + batch_size]
         examples = [Example(p if isinstance(p, list) else tokenizer(p, add_special_tokens=True)["input_ids"], 0, 0)
                     for p in chunk]
-        batch = collate(examples, tokenizer.pad_token_id, pad_left=True)
+        batch = to_device(collate(examples, tokenizer.pad_token_id, pad_left=True), model_device(model))
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=eos)
-        new = out[:, batch["input_ids"].shape[1]:]
+        new = out[:, batch["input_ids"].shape[1]:].cpu()
         outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     return outputs
 

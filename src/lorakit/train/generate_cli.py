@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from ..device import add_device_argument, resolve_device, to_device
 from ..errors import ConfigError
 
 BASE_WORDS = ("base", "none")
@@ -27,15 +28,17 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 
 def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, chat: bool = False) -> list[str]:
+             top_p: float = 1.0, seed: int = 0, chat: bool = False, device: str | torch.device = "auto") -> list[str]:
     from .. import load_adapter, read_adapter_config
     from ..chat import prompt_ids
     from ..hf import load_base_model, load_tokenizer, resolve_base
 
+    device = resolve_device(device)  # first: a GPU that is not there is said before anything loads
     if adapters and len(adapters) not in (1, len(prompts)):
         raise ConfigError(f"got {len(adapters)} --adapter values for {len(prompts)} prompts: give one adapter for all "
                           "prompts, or exactly one per prompt")
@@ -47,14 +50,14 @@ def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens:
         ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     else:
         ids = [tokenizer(p)["input_ids"] for p in prompts]
-    model = load_base_model(base, (configs[0].task_type if configs else None) or "CAUSAL_LM").eval()
+    model = load_base_model(base, (configs[0].task_type if configs else None) or "CAUSAL_LM").to(device).eval()
     names: dict[str, str] = {}
     for path in dict.fromkeys(real):
         names[path] = f"adapter{len(names)}"
         load_adapter(model, path, adapter=names[path])
     tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-    torch.manual_seed(seed)
+    batch = to_device(tokenizer.pad({"input_ids": ids}, return_tensors="pt"), device)
+    torch.manual_seed(seed)  # seeds the GPU's generator too: sampled text depends on the seed and the device
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=temperature > 0)
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
@@ -64,14 +67,14 @@ def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens:
         kwargs["adapter_names"] = rows
     with torch.no_grad():
         out = model.generate(**batch, **kwargs)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     texts = generate(args.base, args.adapter, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                     chat=args.chat)
+                     chat=args.chat, device=args.device)
     for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
         label = args.adapter[i if len(args.adapter) > 1 else 0] if args.adapter else "base"
         print(f"--- [{label}] {prompt!r}\n{text}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import trainable_parameters
+from ..device import check_bf16, describe, model_device, to_device
 from ..errors import ConfigError
 from ..files import atomic_write_json, atomic_write_text
 from ..hf import BUILTIN, load_base_model, load_tokenizer, resolve_base
@@ -49,7 +50,7 @@ class TrainResult:
 
 def train(config: TrainConfig, world: World | None = None) -> TrainResult:
     own_world = world is None
-    world = world or init_world()
+    world = world or init_world(config.device)
     try:
         return _train(config, world)
     finally:
@@ -64,6 +65,9 @@ def _train(config: TrainConfig, world: World) -> TrainResult:
     check_out_dir(out, config.resume, config.overwrite)
     _seed_everything(config.seed)
     say = print if world.is_main else (lambda *a, **k: None)
+    if config.precision == "bf16":
+        check_bf16(world.device)
+    say(f"device: {describe(world.device)}" + (f" (one of {world.size} processes)" if world.size > 1 else ""))
 
     tokenizer = load_tokenizer(config.base)
     train_set, eval_set, skipped = _load_data(config, tokenizer, say)
@@ -138,6 +142,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
     from tqdm.auto import tqdm
 
     compute_loss = loss_fn(config.task)
+    method = method_for(config)
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=config.max_steps, initial=progress.step, disable=not world.is_main, desc="train",
                dynamic_ncols=True, mininterval=1.0)
@@ -150,7 +155,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
     while progress.step < config.max_steps:
         t0, cpu0 = time.perf_counter(), time.process_time()
         micro = [_next_micro_batch(progress, train_set, config, world, rows_per_micro) for _ in range(config.grad_accum)]
-        local = [data_mod.collate(rows, pad_id) for rows in micro]
+        local = [to_device(data_mod.collate(rows, pad_id), world.device) for rows in micro]
         counts = [_target_count(b, config.task) for b in local]
         global_count = world.sum(sum(counts))
         loss_total = 0.0
@@ -162,7 +167,9 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
             # Divide by the count over the whole step (all micro-batches, all processes), so accumulation
             # and data parallelism give the gradient one big batch would; DDP averages, so undo its 1/size.
             with ctx:
-                (loss_sum * (world.size / max(global_count, 1))).backward()
+                loss = loss_sum * (world.size / max(global_count, 1))
+                extra = method.extra_loss(model)  # once per step in all: a share per micro-batch
+                (loss if extra is None else loss + extra / len(local)).backward()
             loss_total += float(loss_sum.detach())
         loss_value = world.sum(loss_total) / max(global_count, 1)
         grad_norm = _clip(params, config.max_grad_norm)
@@ -178,6 +185,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
             bar.write(progress.stopped_reason) if world.is_main else None
             break
         optimizer.step()
+        method.after_step(model, progress.step + 1)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
@@ -196,14 +204,14 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
             _evaluate_during(config, world, model, eval_set, pad_id, tokenizer, progress, out, bar)
         if config.save_every and progress.step % config.save_every == 0 and world.is_main:
             save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints,
-                            method_for(config).save_checkpoint_weights)
+                            method.save_checkpoint_weights)
         if config.save_every and progress.step % config.save_every == 0:
             world.barrier()
     bar.close()
     # Always end with a checkpoint, so a finished run can be continued (--resume with a larger --max-steps).
     saved = {p.name for p in list_checkpoints(out)} if world.is_main else set()
     if world.is_main and progress.step > 0 and f"step-{progress.step:06d}" not in saved:
-        save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints)
+        save_checkpoint(out, model, optimizer, scheduler, progress, config.keep_checkpoints, method.save_checkpoint_weights)
     world.barrier()
 
 
@@ -254,7 +262,7 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         method.save(model, out / "best", tokenizer)
     method.save(model, out, tokenizer)
     with torch.no_grad():
-        usage = [(effective_rank(a.delta_weight(layer)), a.rank) for _, layer, a in adapter_layers(model, ADAPTER)]
+        usage = [(effective_rank(_product(a)), a.rank) for _, _, a in adapter_layers(model, ADAPTER) if a.method != "mixture"]
     notes = diagnose(progress, count.trainable, count.total, usage, method=config.method)
     if skipped:
         shown, more = skipped[:data_mod.SHOWN_BAD_ROWS], len(skipped) - data_mod.SHOWN_BAD_ROWS
@@ -274,7 +282,8 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         "trainable_params": count.trainable,
         "total_params": count.total,
         **step_times(progress.step_seconds, progress.step_cpu_seconds),
-        **peak_memory(next(model.parameters()).device),
+        "device": describe(model_device(model)),
+        **peak_memory(model_device(model)),
         "train_loss": progress.train_loss,
         "grad_norm": progress.grad_norm,
         "eval": progress.eval_metrics,
@@ -293,6 +302,12 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         say("diagnostic: " + note)
     say(written(out, progress.best_step, plot is not None, seconds, method.output_name))
     return TrainResult(out, progress, metrics, notes, seconds)
+
+
+def _product(adapter) -> torch.Tensor:
+    """B·A of an adapter's (effective) factors: the update whose rank use the diagnostics report."""
+    A, B = adapter.factors()
+    return B.detach().float().flatten(1) @ A.detach().float().flatten(1)
 
 
 def _comparison(before: dict, after: dict) -> str:

@@ -13,19 +13,36 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..adapters import disabled
 from ..config import LoraConfig
+from ..errors import ConfigError
+from ..files import atomic_write
 from ..inject import inject
 from ..io import WEIGHTS_NAME, load_adapter_weights, save_adapter
+from ..variants.adalora import AdaLoraConfig
+from ..variants.adalora_budget import adalora_orth_loss, adalora_step, adalora_training_state, load_adalora_training_state
+from ..variants import VeraConfig
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 
 ADAPTER = "default"
 
 
-class LoraMethod:
+class MethodHooks:
+    """What a method may add to every step of the shared loop; nothing by default."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to each optimizer step's loss (e.g. a regulariser), or None."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Runs after optimizer step `step` (1, 2, ...), while the gradients are still there."""
+
+
+class LoraMethod(MethodHooks):
     """Train an adapter on a frozen base; OUT receives the adapter in PEFT's format."""
 
     weights_file = WEIGHTS_NAME
@@ -58,7 +75,17 @@ class LoraMethod:
         load_adapter_weights(model, ADAPTER, path)
 
 
-class FullMethod:
+class VeraMethod(LoraMethod):
+    """Train a VeRA adapter (two vectors per layer around a frozen random projection); OUT receives PEFT's VERA format."""
+
+    def lora_config(self, config: TrainConfig) -> VeraConfig:
+        return VeraConfig(r=config.rank, dropout=config.dropout, target_modules=config.targets,
+                          layers_to_transform=config.layers_to_transform,
+                          task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",
+                          base_model_name_or_path=str(config.base))
+
+
+class FullMethod(MethodHooks):
     """Train every weight; OUT receives a full model directory (`from_pretrained` loads it, tokenizer included)."""
 
     weights_file = "model.safetensors"
@@ -85,7 +112,83 @@ class FullMethod:
         load_full_weights(model, path)
 
 
-METHODS = {"lora": LoraMethod(), "full": FullMethod()}
+class AdaLoraMethod(LoraMethod):
+    """AdaLoRA: the adapter starts at rank 1.5·--rank per layer and the allocator prunes it to --rank per layer on
+    average (cubic schedule over 10%-80% of the steps, then fixed), with the orthogonality regulariser in the loss.
+    OUT receives PEFT's ADALORA format; each save also writes the allocator's state, so --resume is exact."""
+
+    state_file = "adalora_state.safetensors"
+
+    def lora_config(self, config: TrainConfig) -> AdaLoraConfig:
+        if config.rslora:
+            raise ConfigError("--rslora does not apply to --method adalora (its scale is alpha/init_r); drop it")
+        lora = super().lora_config(config)
+        return AdaLoraConfig(init_r=config.rank + config.rank // 2, target_r=config.rank, alpha=config.alpha,
+                             dropout=config.dropout, target_modules=lora.target_modules,
+                             layers_to_transform=lora.layers_to_transform, task_type=lora.task_type,
+                             base_model_name_or_path=lora.base_model_name_or_path, total_step=config.max_steps,
+                             tinit=config.max_steps // 10, tfinal=config.max_steps // 5)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor:
+        return adalora_orth_loss(model, ADAPTER)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        adalora_step(model, step, ADAPTER)
+
+    def save(self, model: nn.Module, path: Path, tokenizer=None) -> None:
+        save_adapter(model, path)
+        state = adalora_training_state(model, ADAPTER)
+        atomic_write(Path(path) / self.state_file, lambda tmp: save_file(state, tmp))
+
+    def save_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
+        self.save(model, path)  # the adapter and the allocator's state: --resume continues exactly
+
+    def restore(self, model: nn.Module, path: Path) -> None:
+        file = Path(path) / self.state_file
+        if not file.exists():
+            raise CheckpointError(f"{file} is missing: an AdaLoRA checkpoint needs it to continue (the adapter file "
+                                  "holds only the kept triplets); resume from a checkpoint written by --method adalora")
+        load_adalora_training_state(model, load_file(file), ADAPTER)
+
+
+
+class MixtureMethod(LoraMethod):
+    """Train only the routers of a mixture over frozen experts; OUT receives the mixture (routers + experts)."""
+
+    weights_file = "router.safetensors"
+
+    def prepare(self, model: nn.Module, config: TrainConfig) -> None:
+        from ..compose.mixture import add_mixture
+        from ..variants.mixture import MixtureConfig
+
+        add_mixture(model, MixtureConfig(experts=dict(config.mixture), top_k=config.top_k,
+                                         load_balance=config.load_balance), name=ADAPTER)
+        self.load_balance = config.load_balance
+
+    def save(self, model: nn.Module, path: Path, tokenizer=None) -> None:
+        from ..compose.mixture import save_mixture
+
+        save_mixture(model, path, name=ADAPTER)
+
+    def save_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
+        from ..compose.mixture import save_routers
+
+        save_routers(model, path, name=ADAPTER)
+
+    def restore(self, model: nn.Module, path: Path) -> None:
+        from ..compose.mixture import load_routers
+
+        load_routers(model, path, name=ADAPTER)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        from ..compose.mixture import mixture_balance_loss
+
+        balance = mixture_balance_loss(model, ADAPTER)
+        return None if balance is None or not self.load_balance else balance * self.load_balance
+
+
+METHODS = {"lora": LoraMethod(), "full": FullMethod(), "adalora": AdaLoraMethod(), "vera": VeraMethod(),
+           "mixture": MixtureMethod()}
 
 
 def method_for(config: TrainConfig):
