@@ -497,10 +497,12 @@ def render(data: dict, images: dict[str, str]) -> str:
     if images.get("lr"):
         out += ["## Learning-rate curves", "", f"![learning rate]({images['lr']})", ""]
     out += ["## Every cell", "", "Reproduce one: `lorakit train --threads 1 --split-seed 0 --seed S` plus its flags "
-            "(`--config no_base.json` only switches the base evaluation off).", "",
-            _table(["cell", "task", "seed", "flags", "state", "score", "notes"], numbers=False, lines=[
+            "(`--config no_base.json` only switches the base evaluation off). `code`: the last commit that changed "
+            "`src/` in the checkout that ran the cell; cells run later by a newer checkout (the variants) say so.",
+            "",
+            _table(["cell", "task", "seed", "flags", "state", "score", "code", "notes"], numbers=False, lines=[
                 [name, e["task"], e["seed"], f"`{e['flags']}`" if e["flags"] else "(demo)", e["status"],
-                 _pct(e.get("score")), _cell_note(e)] for name, e in cells.items()]), ""]
+                 _pct(e.get("score")), e.get("commit") or "", _cell_note(e)] for name, e in cells.items()]), ""]
     return "\n".join(out)
 
 
