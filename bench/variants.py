@@ -72,6 +72,8 @@ ADALORA = dict(init_r=12, target_r=8, total_step=10_000)
 METHODS: dict[str, Method] = {
     "lora": Method(lambda: lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS),
                    lambda: _peft_lora(r=16, lora_alpha=32)),
+    "dora": Method(lambda: lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS, use_dora=True),
+                   lambda: _peft_lora(r=16, lora_alpha=32, use_dora=True)),
     "adalora": Method(lambda: lorakit.AdaLoraConfig(alpha=32, target_modules=TARGETS, **ADALORA),
                       lambda: _peft_adalora(lora_alpha=32, **ADALORA),
                       after_step_ours=lorakit.adalora_step,

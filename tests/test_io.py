@@ -178,9 +178,13 @@ def test_not_lora_and_unsupported_configs(llama, llama_dir, tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(AdapterFileError, match="IA3"):
         lorakit.load_adapter(llama, d)
-    (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(AdapterFileError, match="use_dora"):
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_qalora": True}))
+    with pytest.raises(AdapterFileError, match="use_qalora"):
         lorakit.load_adapter(llama, d)
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))  # DoRA without its magnitudes
+    with pytest.raises(IncompatibleAdapterError, match="no lora_magnitude_vector for 'model.layers.0.self_attn.q_proj'"):
+        lorakit.load_adapter(llama, d)
+    assert lorakit.list_adapters(llama) == []
 
 
 def test_save_is_atomic(llama, tmp_path, monkeypatch):

@@ -46,6 +46,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
     rslora: bool = False
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature on top of the LoRA direction
     bias: str = "none"
     init: str = "kaiming"
     task_type: str | None = None
@@ -69,7 +70,7 @@ class LoraConfig:
     @property
     def method(self) -> str:
         """Which adapter class this config builds (lorakit.variants.ADAPTERS)."""
-        return "lora"
+        return "dora" if self.use_dora else "lora"
 
     def rank_for(self, module_name: str) -> int:
         return int(_pattern_value(self.rank_pattern, module_name, self.r))
@@ -102,7 +103,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": self.modules_to_save,
             "use_rslora": self.rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "bias": self.bias,
             "fan_in_fan_out": False,
             "init_lora_weights": True if self.init == "kaiming" else self.init,
@@ -115,7 +116,7 @@ class LoraConfig:
         """Build from an adapter_config.json written by PEFT or by lorakit; refuse what we cannot honour."""
         if d.get("peft_type", "LORA") != "LORA":
             raise ConfigError(f"peft_type is {d.get('peft_type')!r}; lorakit loads LoRA adapters (peft_type 'LORA') only")
-        for flag in ("use_dora", "use_qalora"):
+        for flag in ("use_qalora",):
             if d.get(flag):
                 raise ConfigError(f"this adapter uses {flag}=true, which lorakit does not support yet")
         if d.get("lora_bias"):
@@ -133,6 +134,7 @@ class LoraConfig:
             alpha_pattern=dict(d.get("alpha_pattern") or {}),
             modules_to_save=d.get("modules_to_save"),
             rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
             bias=d.get("bias") or "none",
             init=_init_from_peft(init),
             task_type=d.get("task_type"),

@@ -2,8 +2,9 @@
 hand-written backward for the frozen weight, and the rule that folds `scale·B·A` into the weight for long batches.
 
 Kept apart from layers.py because it is an optimisation: layers.py states the math, this file makes it fast.
-Variants whose update is low-rank (AdaLoRA) reuse it by passing their effective factors as A and B; VeRA reuses
-the folding rule with its own backward (variants/vera.py): the gradient it needs is two vectors, not two matrices.
+Variants whose update is low-rank (AdaLoRA) reuse it by passing their effective factors as A and B; DoRA also
+passes its per-output-feature factor g: `g ⊙ (x Wᵀ + scale·(x Aᵀ) Bᵀ) + bias`. VeRA reuses the folding rule with
+its own backward (variants/vera.py): the gradient it needs is two vectors, not two matrices.
 """
 
 from __future__ import annotations
@@ -45,17 +46,28 @@ def _base_op(x2, weight, bias, transposed):
     return torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
 
 
-def _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t):
-    """`base(x2) + scale·(x2 Aᵀ) Bᵀ` on 2-D rows; returns it and `t = x2 Aᵀ` (computed only if `keep_t`)."""
+def _scale_features_(w, g, transposed):
+    """Multiply each output feature's weights by g in place (rows of (out, in); columns of Conv1D's (in, out))."""
+    return w.mul_(g if transposed else g[:, None])
+
+
+def _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t, g=None):
+    """`base(x2) + scale·(x2 Aᵀ) Bᵀ` on 2-D rows (times g per feature before the bias, when given); returns it
+    and `t = x2 Aᵀ` (computed only if `keep_t`)."""
     rows, in_f = x2.shape
     out_f = weight.numel() // in_f
     t = x2 @ lora_A.T if keep_t else None  # backward needs t for dB; inference does not
     # Row-wise, the LoRA term costs an (rows, out) product, plus (rows, in) for t when t is not kept anyway.
     if _fold_is_cheaper(rows, out_f if keep_t else in_f + out_f, weight, lora_A.shape[0]):
-        return _base_op(x2, _folded_weight(weight, lora_A, lora_B, scale, transposed), bias, transposed), t
-    y = _base_op(x2, weight, bias, transposed)
+        w = _folded_weight(weight, lora_A, lora_B, scale, transposed)
+        return _base_op(x2, w if g is None else _scale_features_(w, g, transposed), bias, transposed), t
+    y = _base_op(x2, weight, bias if g is None else None, transposed)
     # addmm_ adds the low-rank term into y in place: no second output-sized tensor, no separate scaling pass.
     y.addmm_(t if t is not None else x2 @ lora_A.T, lora_B.T, alpha=scale)
+    if g is not None:
+        y.mul_(g)
+        if bias is not None:
+            y.add_(bias)
     return y, t
 
 
@@ -65,51 +77,71 @@ class _LoraLinearFn(torch.autograd.Function):
     Why: autograd would add the LoRA branch's input gradient to the base's in a separate pass and
     scale the output-sized tensor; here both gradients land in one buffer (through `addmm_`, or through
     a folded weight for long batches), and only r-sized tensors are scaled.
+
+    With DoRA's factor g the output is `g ⊙ z + bias`, z the above without bias. g's gradient needs z,
+    which is kept; the gradient through z, `g ⊙ dy`, is never formed: g goes into the r-wide tensors and
+    into the folded weight instead (out·in numbers, not rows·out).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, transposed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, transposed, g=None):
         x2 = x.reshape(-1, x.shape[-1])
-        y, t = _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t=True)
+        z = None
+        if g is not None and ctx.needs_input_grad[7]:
+            z, t = _lora_linear_forward(x2, weight, None, lora_A, lora_B, scale, transposed, keep_t=True)
+            y = torch.addcmul(bias, z, g) if bias is not None else z * g
+        else:
+            y, t = _lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale, transposed, keep_t=True, g=g)
         # x is needed for dA; t (rows × r, r/in of x's size) is kept so backward need not recompute x·Aᵀ.
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, t)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, t, g, z)
         ctx.scale, ctx.transposed, ctx.has_bias = scale, transposed, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, t = ctx.saved_tensors
+        x2, weight, lora_A, lora_B, t, g, z = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         rows, in_f = x2.shape
         need_dx, need_dA = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         # dx = dy·(W + scale·B·A): fold the weight for long batches, else add g·A (rows·in·r) into dy·W.
         fold_dx = need_dx and _fold_is_cheaper(rows, in_f, weight, lora_A.shape[0])
-        g = None
+        B_g = lora_B if g is None else lora_B * g[:, None]  # (g ⊙ dy)·B = dy·(g ⊙ B)
+        gr = None
         if need_dA or (need_dx and not fold_dx):
-            g = (dy2 @ lora_B).mul_(ctx.scale)  # gradient at the rank-r bottleneck
-        dx = d_bias = dA = dB = None
+            gr = (dy2 @ B_g).mul_(ctx.scale)  # gradient at the rank-r bottleneck
+        dx = d_bias = dA = dB = dg = None
         if need_dx:
-            w = _folded_weight(weight, lora_A, lora_B, ctx.scale, ctx.transposed) if fold_dx else weight
-            dx = dy2 @ (w.T if ctx.transposed else w)
-            if not fold_dx:
-                dx.addmm_(g, lora_A)
+            if fold_dx:
+                w = _folded_weight(weight, lora_A, lora_B, ctx.scale, ctx.transposed)
+                if g is not None:
+                    _scale_features_(w, g, ctx.transposed)
+                dx = dy2 @ (w.T if ctx.transposed else w)
+            else:
+                dx = (dy2 if g is None else dy2 * g) @ (weight.T if ctx.transposed else weight)
+                dx.addmm_(gr, lora_A)
             dx = dx.view(*dy.shape[:-1], dx.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             d_bias = dy2.sum(0)
         if need_dA:
-            dA = g.T @ x2
+            dA = gr.T @ x2
         if ctx.needs_input_grad[4]:
             dB = (dy2.T @ t).mul_(ctx.scale)
-        return dx, None, d_bias, dA, dB, None, None
+            if g is not None:
+                dB.mul_(g[:, None])
+        if z is not None:
+            dg = (dy2 * z).sum(0)
+        return dx, None, d_bias, dA, dB, None, None, dg
 
 
-def fused_linear(x, weight, bias, lora_A, lora_B, scale, transposed):
+def fused_linear(x, weight, bias, lora_A, lora_B, scale, transposed, g=None):
     """The fused path: through the autograd Function when a gradient is wanted, else forward only.
 
     Inference skips the Function because it would compute and keep `t = x·Aᵀ` for a backward that never
     comes, and without t the folded weight pays off for even shorter batches.
+    `g` (out,), DoRA's factor, rescales each output feature before the bias is added.
     """
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, bias, lora_A, lora_B)):
-        return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, scale, transposed)
-    y, _ = _lora_linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, transposed, keep_t=False)
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, bias, lora_A, lora_B, g)):
+        return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, scale, transposed, g)
+    y, _ = _lora_linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, transposed,
+                                keep_t=False, g=g)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -57,6 +57,14 @@ class LayerType:
         """`B·A` computed as (out, in) → laid out like the base layer's own weight."""
         return delta
 
+    def from_layout(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """The reverse of `to_layout`: a weight in the base's layout → (out, in·k·k), one row per output feature."""
+        return weight
+
+    def feature_view(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output-feature vector (out,) shaped to broadcast against this layer's output (features last)."""
+        return v
+
 
 class _Conv1DType(LayerType):
     name = "conv1d"
@@ -68,6 +76,9 @@ class _Conv1DType(LayerType):
 
     def to_layout(self, base, delta):
         return delta.T
+
+    def from_layout(self, base, weight):
+        return weight.T
 
 
 class _EmbeddingType(LayerType):
@@ -87,6 +98,9 @@ class _EmbeddingType(LayerType):
     def to_layout(self, base, delta):
         return delta.T
 
+    def from_layout(self, base, weight):
+        return weight.T
+
 
 class _Conv2dType(LayerType):
     name = "conv2d"
@@ -102,6 +116,12 @@ class _Conv2dType(LayerType):
 
     def to_layout(self, base, delta):
         return delta.view(base.weight.shape)
+
+    def from_layout(self, base, weight):
+        return weight.flatten(1)
+
+    def feature_view(self, v):
+        return v.view(-1, 1, 1)  # (N, out, H, W) or (out, H, W): features are the channels
 
 
 LINEAR, CONV1D, EMBEDDING, CONV2D = LayerType(), _Conv1DType(), _EmbeddingType(), _Conv2dType()

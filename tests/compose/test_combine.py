@@ -190,3 +190,13 @@ def test_command_line_combines_files(llama_dir, two_adapters, tmp_path, tokens):
     with torch.no_grad():
         torch.testing.assert_close(from_cli(tokens).logits, model(tokens).logits, atol=ATOL, rtol=0)
     assert main(["combine", f"a={two_adapters['a']}", "--method", "ties", "--density", "2", "--out", str(out)]) == 2
+
+
+def test_dora_adapters_are_refused_by_name(llama_dir):
+    model = load(llama_dir)
+    lorakit.inject(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), adapter="d")
+    lorakit.inject(model, LoraConfig(r=4, target_modules=["q_proj"]), adapter="p")
+    with pytest.raises(IncompatibleAdapterError, match="adapter 'd' is a dora adapter"):
+        lorakit.combine_adapters(model, {"d": 0.5, "p": 0.5}, method="cat")
+    with pytest.raises(IncompatibleAdapterError, match="dora adapter"):
+        lorakit.resize_adapter(model, "d", rank=2)

@@ -265,3 +265,38 @@ def test_bad_paths_and_files(llama, root, tmp_path, gpt2):
     assert s.names() == ["ok"]
     s.unregister("ok")
     assert s.names() == []
+
+
+
+def test_dora_adapters_serve_in_a_mixed_batch(llama_dir, root, expected, tmp_path):
+    """DoRA adapters (a per-feature rescaling on top of LoRA; neither vLLM nor PEFT batch them per row) beside
+    a plain LoRA adapter and a base row: each row equals its adapter run alone."""
+    import shutil
+
+    from lorakit.state import lora_layers
+    from lorakit.variants.dora import DoraAdapter
+
+    shutil.copytree(root / "r4", tmp_path / "r4")
+    want = {"r4": expected["r4"], None: expected[None]}
+    model = load(llama_dir)
+    for i, targets in enumerate((["q_proj", "v_proj", "down_proj"], ["embed_tokens", "o_proj"])):
+        name = f"dora{i}"
+        lorakit.inject(model, LoraConfig(r=4, target_modules=targets, use_dora=True), adapter=name)
+        randomise_lora(model, std=0.1, seed=10 + i)  # A and B (and m, set again below)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                if name in layer.adapters:  # magnitudes near the base's norms, as trained ones are
+                    m = layer.adapters[name].lora_magnitude_vector
+                    m.copy_(1 + torch.rand(m.shape, generator=torch.Generator().manual_seed(i)))
+            want[name] = model(X).logits
+        lorakit.save_adapter(model, tmp_path / name, adapter=name)
+        lorakit.delete_adapter(model, name)
+    store = AdapterStore(load(llama_dir), root=tmp_path, max_loaded=3)
+    for name in ("dora0", "dora1", "r4"):
+        store.register(name, name)
+    names = ["dora0", "r4", "dora1", None]
+    with torch.no_grad(), store.rows(names) as served:
+        got = served(torch.cat([X, X])).logits
+        assert any(isinstance(a, DoraAdapter) for _, layer in lora_layers(served) for a in layer.adapters.values())
+    for i, name in enumerate(names):
+        torch.testing.assert_close(got[i], want[name][i % 2], atol=ATOL, rtol=0)

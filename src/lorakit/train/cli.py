@@ -29,10 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-data", help="held-out JSONL/CSV data (default: hold out --eval-fraction of --data)")
     p.add_argument("--task", choices=["causal-lm", "classify"], help=f"default {d.task}")
     p.add_argument("--out", "--output-dir", dest="out", help=f"output directory (default {d.out})")
-    p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter), adalora (an adapter whose rank "
-                   f"budget moves to the layers that need it: 1.5x --rank pruned to --rank on average), vera (a VeRA "
-                   f"adapter: --rank defaults to 256, --lr to 3e-2), full (every weight; OUT receives a full model "
-                   f"directory) or mixture (routers over --mixture experts) "
+    p.add_argument("--method", choices=METHODS, help=f"what trains: lora (an adapter), dora (a DoRA adapter), adalora "
+                   f"(an adapter whose rank budget moves to the layers that need it: 1.5x --rank pruned to --rank on "
+                   f"average), vera (a VeRA adapter: --rank defaults to 256, --lr to 3e-2), full (every weight; OUT "
+                   f"receives a full model directory) or mixture (routers over --mixture experts) "
                    f"(default {d.method})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     p.add_argument("--epochs", "--num-train-epochs", dest="epochs", type=float,

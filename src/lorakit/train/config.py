@@ -14,10 +14,10 @@ from ..errors import ConfigError
 TASKS = ("causal-lm", "classify")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
-# What trains: "lora" (an adapter), "full" (every weight), "adalora" (an adapter whose ranks move), "vera" (a
-# VeRA adapter), "mixture" (routers over frozen experts). A new method adds its name here and its behaviour (which
-# weights train, how they are saved and restored) to train/methods.py::METHODS.
-METHODS = ("lora", "full", "adalora", "vera", "mixture")
+# What trains: "lora" (an adapter), "dora" (a DoRA adapter), "adalora" (an adapter whose ranks move), "vera" (a
+# VeRA adapter), "full" (every weight), "mixture" (routers over frozen experts). A new method adds its name here
+# and its behaviour (which weights train, how they are saved and restored) to train/methods.py::METHODS.
+METHODS = ("lora", "dora", "adalora", "vera", "full", "mixture")
 # Settings that only mean something for an adapter: --method full refuses them.
 LORA_ONLY = ("rank", "alpha", "dropout", "targets", "layers_to_transform", "rslora", "init", "lora_plus_ratio")
 # Written into train_config.json for the record (what the run adapted), ignored when the file is read back.

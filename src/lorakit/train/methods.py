@@ -75,6 +75,13 @@ class LoraMethod(MethodHooks):
         load_adapter_weights(model, ADAPTER, path)
 
 
+class DoraMethod(LoraMethod):
+    """DoRA: a LoRA adapter plus a trained magnitude per output feature (saved as PEFT's use_dora adapter)."""
+
+    def lora_config(self, config: TrainConfig) -> LoraConfig:
+        return super().lora_config(config).replace(use_dora=True)
+
+
 class VeraMethod(LoraMethod):
     """Train a VeRA adapter (two vectors per layer around a frozen random projection); OUT receives PEFT's VERA format."""
 
@@ -187,8 +194,8 @@ class MixtureMethod(LoraMethod):
         return None if balance is None or not self.load_balance else balance * self.load_balance
 
 
-METHODS = {"lora": LoraMethod(), "full": FullMethod(), "adalora": AdaLoraMethod(), "vera": VeraMethod(),
-           "mixture": MixtureMethod()}
+METHODS = {"lora": LoraMethod(), "dora": DoraMethod(), "adalora": AdaLoraMethod(), "vera": VeraMethod(),
+           "full": FullMethod(), "mixture": MixtureMethod()}
 
 
 def method_for(config: TrainConfig):

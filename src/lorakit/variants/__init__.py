@@ -12,12 +12,14 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraAdapter
 from .adalora import AdaLoraAdapter, AdaLoraConfig
+from .dora import DoraAdapter
 from .mixture import MixtureAdapter
 from .pissa import ResidualInitAdapter, is_residual_init
 from .vera import VeraAdapter, VeraConfig
 
 # config.method -> the adapter class built on every target layer
-ADAPTERS: dict[str, type] = {"lora": LoraAdapter, "adalora": AdaLoraAdapter, "vera": VeraAdapter, "mixture": MixtureAdapter}
+ADAPTERS: dict[str, type] = {"lora": LoraAdapter, "dora": DoraAdapter, "adalora": AdaLoraAdapter, "vera": VeraAdapter,
+                             "mixture": MixtureAdapter}
 # adapter_config.json's peft_type -> the config class that reads it
 CONFIGS: dict[str, type] = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig, "VERA": VeraConfig}
 
