@@ -273,13 +273,17 @@ def _claim_targets(data, band, table: str = "targets", all_label: str = "all lin
         return claim, "not measured yet", ""
     detail = ", ".join(f"{r.label}: {_pct(r.score)} ({r.done[0]['trainable_params']:,} params)"
                        for r in [full_row, *others])
-    margins = [full_row.score - r.score for r in others]
-    if all(m > band for m in margins):
-        verdict = "held"
-    elif any(m < -band for m in margins):
-        verdict = "did not hold (an attention-only setup scored higher)"
+    margins = [(r.label, full_row.score - r.score) for r in others]
+    beat = [f"{label} by {100 * m:.1f} pts" for label, m in margins if m > band]
+    lost = [f"{label} by {100 * -m:.1f} pts" for label, m in margins if m < -band]
+    even = [f"{label} ({100 * m:+.1f} pts)" for label, m in margins if -band <= m <= band]
+    if len(beat) == len(margins):
+        verdict = "held: all linear beat " + ", ".join(beat)
+    elif lost:
+        verdict = "did not hold: all linear lost to " + ", ".join(lost)
     else:
-        verdict = f"not shown: the differences are within the noise band ({100 * band:.1f} pts)"
+        verdict = ("partly: all linear beat " + ", ".join(beat) + "; " if beat else "not shown: ") + (
+            f"within the noise band ({100 * band:.1f} pts) of " + ", ".join(even))
     return claim, verdict, detail + "."
 
 
@@ -311,7 +315,7 @@ def _claim_dora(data, band):
     pairs = [(row(data, "dora", f"DoRA r={r}"), row(data, "rank", r)) for r in (2, 8)]
     pairs = [(d, l) for d, l in pairs if d and l and d.score is not None and l.score is not None]
     if not pairs:
-        return claim, "pending (DoRA is not in lorakit train yet)" if row(data, "dora", "DoRA r=2") else "not measured", ""
+        return claim, "pending (its cells have not run yet)" if row(data, "dora", "DoRA r=2") else "not measured", ""
     detail = "; ".join(f"{d.label}: {_pct(d.score)} vs LoRA r={l.label}: {_pct(l.score)}" for d, l in pairs)
     gains = [d.score - l.score for d, l in pairs]
     verdict = "held" if gains[0] > band else ("did not hold" if gains[0] < -band else "not shown (within the noise band)")
