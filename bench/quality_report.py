@@ -482,6 +482,8 @@ def render(data: dict, images: dict[str, str]) -> str:
         rows = rows_of(data, table_name)
         if rows:
             out += [f"## {title}", "", cost_table(rows, first, "exact match"), ""]
+            if table_name == "rslora":
+                out += _rslora_note(data)
             if image and images.get(image):
                 out += [f"![{title}]({images[image]})", ""]
     out += ["## Second task: WordNet glosses → category (`--task classify`)", "",
@@ -508,6 +510,18 @@ def render(data: dict, images: dict[str, str]) -> str:
                 [name, e["task"], e["seed"], f"`{e['flags']}`" if e["flags"] else "(demo)", e["status"],
                  _pct(e.get("score")), e.get("commit") or "", _cell_note(e)] for name, e in cells.items()]), ""]
     return "\n".join(out)
+
+
+def _rslora_note(data: dict) -> list[str]:
+    """rsLoRA at α=16, r=64 scales by 16/√64 = 2, as plain LoRA at α=128 does (128/64): the same run."""
+    plain, rs = data["cells"].get("lora-r64", {}), data["cells"].get("lora-r64-a16-rslora", {})
+    if plain.get("status") != "done" or rs.get("status") != "done":
+        return []
+    same = plain["train_loss"] == rs["train_loss"] and plain["score"] == rs["score"]
+    return ["rsLoRA scales the update by α/√r instead of α/r; at r=64 with α=16 that is 2, the scale plain LoRA "
+            "gets from α=128, so the two runs are the same computation. Measured: "
+            + ("identical losses at every step and the same score, as they should be." if same else
+               "they differ, which they should not: a bug to look at."), ""]
 
 
 def _memory_note(data: dict) -> list[str]:
