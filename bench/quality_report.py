@@ -502,6 +502,14 @@ def render(data: dict, images: dict[str, str]) -> str:
         out += [f"![classification rank sweep]({images['cls_rank']})", ""]
     if images.get("lr"):
         out += ["## Learning-rate curves", "", f"![learning rate]({images['lr']})", ""]
+    out += ["## Running it", "",
+            "`python bench/quality.py --results DIR` runs every cell that has no `metrics.json` in `DIR/cells/` yet, "
+            "one process at a time, and rewrites this file (`--doc`), its JSON and its plots after each. A killed "
+            "cell resumes from its last checkpoint; a cell whose flags `lorakit train` does not accept is "
+            "`pending` and is tried again on the next run, so a newer checkout fills in the variants. "
+            "`--render` only rewrites the report; `--list` shows each cell's state; `--only NAME ...` runs some "
+            "cells. A cell is one line in `CELLS` in `bench/quality.py`: a name, its flags, and the tables it "
+            "belongs to.", ""]
     out += ["## Every cell", "", "Reproduce one: `lorakit train --threads 1 --split-seed 0 --seed S` plus its flags "
             "(`--config no_base.json` only switches the base evaluation off). `code`: the last commit that changed "
             "`src/` in the checkout that ran the cell; cells run later by a newer checkout (the variants) say so.",
