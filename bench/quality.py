@@ -151,7 +151,8 @@ def run_cell(cell: Cell, results: Path, extra: list[str], keep_weights: bool, sa
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         code = proc.wait()
-    record = {"argv": argv, "returncode": code, "resumed": resume, "started": started, "seconds": time.time() - started}
+    record = {"argv": argv, "returncode": code, "resumed": resume, "started": started, "seconds": time.time() - started,
+              "commit": code_version()}
     if (out / "metrics.json").exists():
         if not keep_weights:
             _prune(out)
@@ -189,6 +190,20 @@ def _report(cells: list[Cell], results: Path, doc: Path, say) -> None:
         write_report(cells, results, doc)
     except Exception as e:  # a report bug must not stop hours of runs; --render retries it
         say(f"the report could not be written ({type(e).__name__}: {e}); the cells go on")
+
+
+def code_version() -> str | None:
+    """The last commit that changed src/ in the checkout this runner runs from (the lorakit the cells run,
+    whatever happened in bench/ since); "+changes" when src/ has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "src"], capture_output=True, text=True,
+                                cwd=root, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True, cwd=root,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+changes" if dirty else "")) or None
 
 
 def _write_study_configs(results: Path) -> None:
@@ -259,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the cells and their state")
     p.add_argument("--keep-weights", action="store_true", help="keep checkpoints and full-model weights of finished cells")
     args = p.parse_args(argv)
+    # `kill PID` unwinds like Ctrl-C: the lock is released, and the running cell dies with the runner (its
+    # checkpoints stay, so the next run resumes it).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cells = [c for c in CELLS if not args.only or c.name in args.only]
     if args.only and len(cells) != len(args.only):
         raise SystemExit(f"unknown cell(s): {sorted(set(args.only) - {c.name for c in CELLS})}")

@@ -8,11 +8,13 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 SCORE = {"causal-lm": ("exact_match", "exact match"), "classify": ("accuracy", "accuracy")}
+CLS_LORA = "LoRA r=8 (q,v)"  # the second task's headline LoRA row
+HEADLINE_FULL_LR = 1e-4  # the learning rate of the headline full-FT cells (bench/quality.py)
+STEP_HEADER = "step time, median (wall / CPU)"
 METHOD_ORDER = ["LoRA", "full FT", "DoRA", "VeRA", "AdaLoRA", "PiSSA", "QLoRA", "QLoRA + LoftQ"]
 
 
@@ -30,7 +32,8 @@ def collect(cells, results: Path) -> dict:
         if entry["status"] == "pending":
             entry["reason"] = record.get("reason")
         if entry["status"] == "done":
-            entry.update(_summary(json.loads((out / "metrics.json").read_text()), cell.task), resumed=record.get("resumed"))
+            entry.update(_summary(json.loads((out / "metrics.json").read_text()), cell.task), resumed=record.get("resumed"),
+                         commit=record.get("commit"))
         found[cell.name] = entry
     return {"generated": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "cells": found}
 
@@ -42,6 +45,7 @@ def _summary(m: dict, task: str) -> dict:
         "score": m["final"].get(key), "eval_loss": m["final"].get("eval_loss"), "f1_macro": m["final"].get("f1_macro"),
         "trainable_params": m["trainable_params"], "total_params": m["total_params"],
         "step_seconds_mean": m.get("step_seconds_mean"), "step_seconds_median": m.get("step_seconds_median"),
+        "step_cpu_seconds_median": m.get("step_cpu_seconds_median"),
         "peak_memory_bytes": m.get("peak_memory_bytes"), "peak_memory_measure": m.get("peak_memory_measure"),
         "seconds": m.get("seconds"), "steps": m.get("steps"), "stopped_reason": m.get("stopped_reason"),
         "diagnostics": m.get("diagnostics", []), "method": m.get("method", config.get("method", "lora")),
@@ -77,11 +81,6 @@ def _machine() -> dict:
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
     except OSError:
-        pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
         pass
     return info
 
@@ -158,24 +157,36 @@ def _params(r: Row) -> str:
     return f"{e['trainable_params']:,} ({100 * e['trainable_params'] / e['total_params']:.3g}%)"
 
 
-def _seconds(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f} s"
+def _step(r: Row) -> str:
+    """Median seconds per step, wall clock and CPU (CPU time does not count waiting for a shared core)."""
+    wall, cpu = r.mean("step_seconds_median"), r.mean("step_cpu_seconds_median")
+    return "–" if wall is None else f"{wall:.2f} s / {cpu:.2f} s" if cpu is not None else f"{wall:.2f} s / –"
 
 
 def _gib(v: float | None) -> str:
     return "–" if v is None else f"{v / 2**30:.2f} GiB"
 
 
-def _table(header: list[str], lines: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(header))) + "|"]
+def _table(header: list[str], lines: list[list[str]], numbers: bool = True) -> str:
+    """A Markdown table: the first column left-aligned, the others right-aligned when they hold numbers."""
+    rule = [" --- " if i == 0 or not numbers else " ---: " for i in range(len(header))]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
     out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
     return "\n".join(out)
 
 
 def cost_table(rows: list[Row], first: str, metric: str, before: list[list[str]] = ()) -> str:
-    lines = [*before] + [[r.label, _params(r), _score_cell(r), _num(r.mean("eval_loss")),
-                          _seconds(r.mean("step_seconds_median")), _gib(r.mean("peak_memory_bytes"))] for r in rows]
-    return _table([first, "trainable params", f"held-out {metric}", "eval loss", "step time (median)", "peak memory"], lines)
+    lines = [*before] + [[_label(r.label), _params(r), _score_cell(r), _num(r.mean("eval_loss")), _step(r),
+                          _gib(r.mean("peak_memory_bytes"))] for r in rows]
+    return _table([first, "trainable params", f"held-out {metric}", "eval loss", STEP_HEADER, "peak memory"], lines)
+
+
+def _label(v) -> str:
+    """Row labels: 1e-4 for learning rates, 16 for α and ranks, text as it is."""
+    if isinstance(v, float) and v < 0.01:
+        mantissa, exponent = f"{v:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
 def _num(v: float | None) -> str:
@@ -197,28 +208,35 @@ def noise(data: dict, table: str = "headline", label: str = "LoRA r=8") -> float
 
 def claims(data: dict) -> list[tuple[str, str, str]]:
     """(claim, verdict, the numbers behind it) for each claim; verdicts come from the measurements only."""
-    band = noise(data)
-    found = [_claim_lora_vs_full(data), _claim_low_rank(data, band), _claim_targets(data, band),
-             *_claim_alpha(data, band), _claim_dora(data, band)]
+    band, cls_band = noise(data), noise(data, "cls-headline", CLS_LORA)
+    found = [_claim_lora_vs_full(data), _claim_lora_vs_full(data, "cls-headline", CLS_LORA),
+             _claim_low_rank(data, band), _claim_targets(data, band),
+             _claim_targets(data, cls_band, "cls-targets", "all linear r=3"), *_claim_alpha(data, band),
+             _claim_dora(data, band)]
     return [c for c in found if c is not None]
 
 
-def _claim_lora_vs_full(data):
+def _claim_lora_vs_full(data, table: str = "headline", lora_label: str = "LoRA r=8"):
     claim = "LoRA reaches 95-100% of full fine-tuning at under 1% of the parameters and 3-4x less memory"
-    lora, full = row(data, "headline", "LoRA r=8"), row(data, "headline", "full FT")
+    if table != "headline":
+        claim += " (second task)"
+    lora, full = row(data, table, lora_label), row(data, table, "full FT")
     if not (lora and full and lora.done and full.done):
         return claim, "not measured yet", ""
     ratio = lora.score / full.score if full.score else float("inf")
     share = lora.done[0]["trainable_params"] / lora.done[0]["total_params"]
     memory = full.mean("peak_memory_bytes") / lora.mean("peak_memory_bytes")
-    best_full = max((r for r in rows_of(data, "full-lr") if r.score is not None), key=lambda r: r.score, default=None)
-    parts = [f"LoRA r=8 scored {_pct(lora.score)}, full FT (lr 1e-4) {_pct(full.score)}: {100 * ratio:.0f}% of full FT",
+    by_lr = {r.label: r for r in rows_of(data, "full-lr") if r.score is not None} if table == "headline" else {}
+    best_full = max(by_lr.values(), key=lambda r: r.score, default=None)
+    if best_full is not None and (HEADLINE_FULL_LR not in by_lr or best_full.score <= by_lr[HEADLINE_FULL_LR].score):
+        best_full = None  # the headline's learning rate was the best full-FT one measured
+    parts = [f"{lora_label} scored {_pct(lora.score)}, full FT (lr 1e-4) {_pct(full.score)}: {100 * ratio:.0f}% of full FT",
              f"with {100 * share:.2f}% of the parameters trainable",
              f"full FT's peak memory was {memory:.2f}x LoRA's ({_gib(full.mean('peak_memory_bytes'))} vs "
              f"{_gib(lora.mean('peak_memory_bytes'))})"]
     if best_full is not None and best_full.score > full.score:
-        parts.append(f"the best full-FT learning rate measured ({best_full.label:g}) scored {_pct(best_full.score)}, "
-                     f"so LoRA reached {100 * lora.score / best_full.score:.0f}% of that")
+        parts.append(f"full FT scored higher at lr {_label(best_full.label)} ({_pct(best_full.score)}, one seed), and LoRA "
+                     f"reached {100 * lora.score / best_full.score:.0f}% of that")
     quality = ratio >= 0.95 and (best_full is None or lora.score / best_full.score >= 0.95)
     verdicts = [("quality", quality), ("parameters", share < 0.01), ("memory", memory >= 3)]
     held = [k for k, ok in verdicts if ok]
@@ -245,21 +263,27 @@ def _claim_low_rank(data, band):
     return claim, verdict, detail + "."
 
 
-def _claim_targets(data, band):
+def _claim_targets(data, band, table: str = "targets", all_label: str = "all linear r=8"):
     claim = "Adapting all linear layers beats attention-only at the same parameter count"
-    rows = {r.label: r for r in rows_of(data, "targets") if r.score is not None}
-    full_row, others = rows.get("all linear r=8"), [r for k, r in rows.items() if k != "all linear r=8"]
+    if table != "targets":
+        claim += " (second task)"
+    rows = {r.label: r for r in rows_of(data, table) if r.score is not None}
+    full_row, others = rows.get(all_label), [r for k, r in rows.items() if k != all_label]
     if full_row is None or not others:
         return claim, "not measured yet", ""
     detail = ", ".join(f"{r.label}: {_pct(r.score)} ({r.done[0]['trainable_params']:,} params)"
                        for r in [full_row, *others])
-    margins = [full_row.score - r.score for r in others]
-    if all(m > band for m in margins):
-        verdict = "held"
-    elif any(m < -band for m in margins):
-        verdict = "did not hold (an attention-only setup scored higher)"
+    margins = [(r.label, full_row.score - r.score) for r in others]
+    beat = [f"{label} by {100 * m:.1f} pts" for label, m in margins if m > band]
+    lost = [f"{label} by {100 * -m:.1f} pts" for label, m in margins if m < -band]
+    even = [f"{label} ({100 * m:+.1f} pts)" for label, m in margins if -band <= m <= band]
+    if len(beat) == len(margins):
+        verdict = "held: all linear beat " + ", ".join(beat)
+    elif lost:
+        verdict = "did not hold: all linear lost to " + ", ".join(lost)
     else:
-        verdict = f"not shown: the differences are within the noise band ({100 * band:.1f} pts)"
+        verdict = ("partly: all linear beat " + ", ".join(beat) + "; " if beat else "not shown: ") + (
+            f"within the noise band ({100 * band:.1f} pts) of " + ", ".join(even))
     return claim, verdict, detail + "."
 
 
@@ -291,7 +315,7 @@ def _claim_dora(data, band):
     pairs = [(row(data, "dora", f"DoRA r={r}"), row(data, "rank", r)) for r in (2, 8)]
     pairs = [(d, l) for d, l in pairs if d and l and d.score is not None and l.score is not None]
     if not pairs:
-        return claim, "pending (DoRA is not in lorakit train yet)" if row(data, "dora", "DoRA r=2") else "not measured", ""
+        return claim, "pending (its cells have not run yet)" if row(data, "dora", "DoRA r=2") else "not measured", ""
     detail = "; ".join(f"{d.label}: {_pct(d.score)} vs LoRA r={l.label}: {_pct(l.score)}" for d, l in pairs)
     gains = [d.score - l.score for d, l in pairs]
     verdict = "held" if gains[0] > band else ("did not hold" if gains[0] < -band else "not shown (within the noise band)")
@@ -342,16 +366,18 @@ def plots(data: dict, folder: Path) -> dict[str, Path]:
     if pairs:
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.4), dpi=120)
         for ax, (key, title, scale) in zip(axes, (("score", "held-out score (%)", 100),
-                                                  ("step_seconds_median", "seconds per step", 1),
+                                                  ("step_cpu_seconds_median", "CPU seconds per step", 1),
                                                   ("peak_memory_bytes", "peak memory (GiB)", 2**-30))):
-            labels, values, colors = [], [], []
+            labels, values, colors, seeds = [], [], [], []
             for table, lo, fu in pairs:
                 task = "words" if table == "headline" else "glosses"
                 for r, color in ((lo, "#3182bd"), (fu, "#e6550d")):
                     labels.append(f"{'LoRA' if r is lo else 'full'}\n{task}")
                     values.append(r.mean(key) * scale)
                     colors.append(color)
-            ax.bar(labels, values, color=colors)
+                    seeds += [(len(labels) - 1, e[key] * scale) for e in r.done if e.get(key) is not None]
+            ax.bar(range(len(labels)), values, color=colors, tick_label=labels)
+            ax.plot(*zip(*seeds), "k.", label="each seed")  # the spread behind each mean
             ax.set_title(title, fontsize=10)
             ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
@@ -421,9 +447,11 @@ def render(data: dict, images: dict[str, str]) -> str:
         "difference in the verdicts below.",
         "",
         f"**Machine.** {m.get('cpu', m.get('machine'))}, {m.get('cpus')} cores shared with other work, torch "
-        f"{m.get('torch')}, commit {m.get('commit')}. Step times are medians over the 60 optimizer steps "
-        "(evaluation and checkpoints excluded); they are noisy when other jobs share the cores. Peak memory is "
-        "the process's peak RSS over its whole life (model loading and evaluation included).",
+        f"{m.get('torch')}; cells ran from {_commits(cells)}. Step times are medians over the 60 optimizer steps "
+        "(evaluation and checkpoints excluded), in wall-clock time and in CPU time of the (single-threaded) "
+        "process; other jobs shared the cores, so wall-clock time includes waiting for a core and CPU time is "
+        "the one to compare. Peak memory is the process's peak RSS over its whole life (model loading and "
+        "evaluation included).",
         "",
         "## Headline: base vs LoRA vs full fine-tuning",
         "",
@@ -432,14 +460,15 @@ def render(data: dict, images: dict[str, str]) -> str:
     before = ([["base model (no training)", "0", _pct(base["base_score"]), _num(base["base_eval_loss"]), "–", "–"]]
               if base.get("base_score") is not None else [])
     out += [cost_table(rows_of(data, "headline"), "causal LM (word → category)", "exact match", before), ""]
+    out += _memory_note(data)
     if images.get("lora_vs_full"):
         out += [f"![LoRA vs full fine-tuning]({images['lora_vs_full']})", ""]
-    out += ["## The write-ups' claims, checked", "", _table(["claim", "here", "measured"], claims_rows(data)), ""]
+    out += ["## The write-ups' claims, checked", "", _table(["claim", "here", "measured"], claims_rows(data), numbers=False), ""]
     out += ["## Per method", "", "The table the README shows; variant rows fill in when `lorakit train` accepts "
             "their flags and the study is run again.", "",
-            _table(["method", "trainable params", "held-out exact match", "step time (median)", "peak memory", "state"],
-                   [[r.label, _params(r), _score_cell(r), _seconds(r.mean("step_seconds_median")),
-                     _gib(r.mean("peak_memory_bytes")), r.status] for r in rows_of(data, "method")]), ""]
+            _table(["method", "trainable params", "held-out exact match", STEP_HEADER, "peak memory", "state"],
+                   [[r.label, _params(r), _score_cell(r), _step(r), _gib(r.mean("peak_memory_bytes")), r.status]
+                    for r in rows_of(data, "method")]), ""]
     sections = [
         ("Rank (all linear layers, α = 2r)", "rank", "r", "rank"),
         ("Targets at matched trainable parameters", "targets", "targets", None),
@@ -453,6 +482,8 @@ def render(data: dict, images: dict[str, str]) -> str:
         rows = rows_of(data, table_name)
         if rows:
             out += [f"## {title}", "", cost_table(rows, first, "exact match"), ""]
+            if table_name == "rslora":
+                out += _rslora_note(data)
             if image and images.get(image):
                 out += [f"![{title}]({images[image]})", ""]
     out += ["## Second task: WordNet glosses → category (`--task classify`)", "",
@@ -471,12 +502,57 @@ def render(data: dict, images: dict[str, str]) -> str:
         out += [f"![classification rank sweep]({images['cls_rank']})", ""]
     if images.get("lr"):
         out += ["## Learning-rate curves", "", f"![learning rate]({images['lr']})", ""]
+    out += ["## Running it", "",
+            "`python bench/quality.py --results DIR` runs every cell that has no `metrics.json` in `DIR/cells/` yet, "
+            "one process at a time, and rewrites this file (`--doc`), its JSON and its plots after each. A killed "
+            "cell resumes from its last checkpoint; a cell whose flags `lorakit train` does not accept is "
+            "`pending` and is tried again on the next run, so a newer checkout fills in the variants. "
+            "`--render` only rewrites the report; `--list` shows each cell's state; `--only NAME ...` runs some "
+            "cells. A cell is one line in `CELLS` in `bench/quality.py`: a name, its flags, and the tables it "
+            "belongs to.", ""]
     out += ["## Every cell", "", "Reproduce one: `lorakit train --threads 1 --split-seed 0 --seed S` plus its flags "
-            "(`--config no_base.json` only switches the base evaluation off).", "",
-            _table(["cell", "task", "seed", "flags", "state", "score", "notes"], [
+            "(`--config no_base.json` only switches the base evaluation off). `code`: the last commit that changed "
+            "`src/` in the checkout that ran the cell; cells run later by a newer checkout (the variants) say so.",
+            "",
+            _table(["cell", "task", "seed", "flags", "state", "score", "code", "notes"], numbers=False, lines=[
                 [name, e["task"], e["seed"], f"`{e['flags']}`" if e["flags"] else "(demo)", e["status"],
-                 _pct(e.get("score")), _cell_note(e)] for name, e in cells.items()]), ""]
+                 _pct(e.get("score")), e.get("commit") or "", _cell_note(e)] for name, e in cells.items()]), ""]
     return "\n".join(out)
+
+
+def _rslora_note(data: dict) -> list[str]:
+    """rsLoRA at α=16, r=64 scales by 16/√64 = 2, as plain LoRA at α=128 does (128/64): the same run."""
+    plain, rs = data["cells"].get("lora-r64", {}), data["cells"].get("lora-r64-a16-rslora", {})
+    if plain.get("status") != "done" or rs.get("status") != "done":
+        return []
+    same = plain["train_loss"] == rs["train_loss"] and plain["score"] == rs["score"]
+    return ["rsLoRA scales the update by α/√r instead of α/r; at r=64 with α=16 that is 2, the scale plain LoRA "
+            "gets from α=128, so the two runs are the same computation. Measured: "
+            + ("identical losses at every step and the same score, as they should be." if same else
+               "they differ, which they should not: a bug to look at."), ""]
+
+
+def _memory_note(data: dict) -> list[str]:
+    """Where full fine-tuning's extra memory goes, from the measured parameter count."""
+    lora, full = row(data, "headline", "LoRA r=8"), row(data, "headline", "full FT")
+    if not (lora and full and lora.done and full.done):
+        return []
+    params = full.done[0]["trainable_params"]
+    extra = full.mean("peak_memory_bytes") - lora.mean("peak_memory_bytes")
+    return [f"Where full fine-tuning's memory goes: its {params:,} fp32 parameters take {_gib(4 * params)}; training "
+            f"all of them adds a gradient and AdamW's two moments for each, {_gib(12 * params)}, and full FT's peak "
+            f"was {_gib(extra)} above LoRA's. So full FT with fp32 AdamW needs about 4x the weights' memory and LoRA "
+            f"about 1x, plus what every process holds: here {_gib(lora.mean('peak_memory_bytes') - 4 * params)} of "
+            f"LoRA's {_gib(lora.mean('peak_memory_bytes'))} peak is not the weights (Python, torch, tokenizer, "
+            f"activations, evaluation), which is why the measured ratio is "
+            f"{full.mean('peak_memory_bytes') / lora.mean('peak_memory_bytes'):.1f}x, not 4x.", ""]
+
+
+def _commits(cells: dict) -> str:
+    """Which code ran the finished cells (bench/quality.py records the commit of its checkout per cell)."""
+    done = [e.get("commit") or "commit not recorded" for e in cells.values() if e["status"] == "done"]
+    counts = {c: done.count(c) for c in dict.fromkeys(done)}
+    return ", ".join(f"{c} ({n} cells)" for c, n in counts.items()) or "no finished cell yet"
 
 
 def _base_entry(data: dict, task: str) -> dict:

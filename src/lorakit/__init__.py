@@ -40,6 +40,7 @@ from .variants.adalora import AdaLoraConfig
 from .variants.adalora_budget import adalora_orth_loss, adalora_step
 from .variants import VeraConfig
 from .recommend import recommend_config
+from .train.diagnostics import diagnose_run as diagnose
 
 add_adapter = inject  # the same operation under the name people look for
 
@@ -48,7 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "VeraConfig", "LoraLayer", "inject", "add_adapter", "load_adapter", "save_adapter", "read_adapter_config",
     "set_active", "set_trainable", "adapter_rows", "check_adapter_files", "active_adapters", "list_adapters", "delete_adapter", "disabled", "is_merged",
-    "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters", "load_base_model",
+    "merge", "unmerge", "unload", "merge_and_unload", "trainable_parameters", "load_base_model", "diagnose",
     "combine_adapters", "resize_adapter", "extract_adapter",
     "MixtureConfig", "add_mixture", "save_mixture", "load_mixture", "mixture_balance_loss",
     "plan_memory", "recommend_config",

@@ -11,7 +11,8 @@ from .errors import LorakitError
 # Subcommands that live in their own packages, with the extra that installs what they need.
 LATER_COMMANDS = (("lorakit.train.cli", "train", "train"), ("lorakit.train.generate_cli", "generate", "train"),
                   ("lorakit.serve.cli", "serve", "serve"), ("lorakit.compose.cli", "combine", "train"),
-                  ("lorakit.plan.cli", "plan", "train"), ("lorakit.recommend.cli", "recommend", "train"))
+                  ("lorakit.plan.cli", "plan", "train"), ("lorakit.recommend.cli", "recommend", "train"),
+                  ("lorakit.train.diagnose_cli", "diagnose", "train"))
 
 
 def _inspect(args) -> int:

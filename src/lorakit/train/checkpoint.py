@@ -41,6 +41,7 @@ class Progress:
     tokens: int = 0
     train_seconds: float = 0.0  # wall time inside training steps (no loading, evaluation or saving)
     step_seconds: list[float] = field(default_factory=list)  # each optimizer step's share of train_seconds
+    step_cpu_seconds: list[float] = field(default_factory=list)  # the same steps in CPU time of this process
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     eval_metrics: list[dict[str, float]] = field(default_factory=list)
     grad_norm: list[tuple[int, float]] = field(default_factory=list)

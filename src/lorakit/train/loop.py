@@ -161,7 +161,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
     autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16) if config.precision == "bf16"
                 else contextlib.nullcontext())
     while progress.step < config.max_steps:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         micro = [_next_micro_batch(progress, train_set, config, world, rows_per_micro) for _ in range(config.grad_accum)]
         local = [to_device(data_mod.collate(rows, pad_id), world.device) for rows in micro]
         counts = [_target_count(b, config.task) for b in local]
@@ -200,6 +200,7 @@ def _loop(config, world, model, run_model, optimizer, scheduler, progress, train
         tokens = world.sum(sum(int(b["attention_mask"].sum()) for b in local))
         progress.tokens += int(tokens)
         progress.step_seconds.append(time.perf_counter() - t0)
+        progress.step_cpu_seconds.append(time.process_time() - cpu0)
         progress.train_seconds += progress.step_seconds[-1]
         progress.train_loss.append((progress.step, loss_value))
         progress.grad_norm.append((progress.step, grad_norm))
@@ -288,10 +289,11 @@ def _finish(config, out, model, progress, metrics, before, count, t_start, say, 
         "method": config.method,
         "trainable_params": count.trainable,
         "total_params": count.total,
-        **step_times(progress.step_seconds),
+        **step_times(progress.step_seconds, progress.step_cpu_seconds),
         "device": describe(model_device(model)),
         **peak_memory(model_device(model)),
         "train_loss": progress.train_loss,
+        "grad_norm": progress.grad_norm,
         "eval": progress.eval_metrics,
         "diagnostics": notes,
         "stopped_reason": progress.stopped_reason,
