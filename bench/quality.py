@@ -82,11 +82,15 @@ CELLS = [
     Cell("cls-qv-r16", "--rank 16 --alpha 32", {"cls-targets": "q,v r=16"}, task=K),
     Cell("cls-qkvo-r8", "--targets q_proj k_proj v_proj o_proj", {"cls-targets": "q,k,v,o r=8"}, task=K),
     Cell("cls-all-r3", "--targets all-linear --rank 3 --alpha 6", {"cls-targets": "all linear r=3"}, task=K),
-    # Variants: pending until `lorakit train` accepts their flags (other issues); rerun the study to fill them.
+    # Variants and QLoRA at the demo's settings.
     Cell("dora-r8", "--method dora", {"method": "DoRA", "dora": "DoRA r=8"}),
     Cell("dora-r2", "--method dora --rank 2 --alpha 4", {"dora": "DoRA r=2"}),
     Cell("vera-r256", "--method vera --rank 256", {"method": "VeRA"}),
+    # VeRA and AdaLoRA train few or slowly-growing parameters: at LoRA's lr they barely move in 60 steps
+    # (bench/variants.py), so each also gets the learning rate its own tuning found.
+    Cell("vera-r256-lr3e-2", "--method vera --rank 256 --lr 3e-2", {"method": "VeRA (lr 3e-2)"}),
     Cell("adalora", "--method adalora", {"method": "AdaLoRA"}),
+    Cell("adalora-lr5e-3", "--method adalora --lr 5e-3", {"method": "AdaLoRA (lr 5e-3)"}),
     Cell("pissa", "--init pissa", {"method": "PiSSA"}),
     Cell("qlora", "--quantize nf4", {"method": "QLoRA"}),
     Cell("qlora-loftq", "--quantize nf4 --init loftq", {"method": "QLoRA + LoftQ"}),

@@ -15,7 +15,7 @@ SCORE = {"causal-lm": ("exact_match", "exact match"), "classify": ("accuracy", "
 CLS_LORA = "LoRA r=8 (q,v)"  # the second task's headline LoRA row
 HEADLINE_FULL_LR = 1e-4  # the learning rate of the headline full-FT cells (bench/quality.py)
 STEP_HEADER = "step time, median (wall / CPU)"
-METHOD_ORDER = ["LoRA", "full FT", "DoRA", "VeRA", "AdaLoRA", "PiSSA", "QLoRA", "QLoRA + LoftQ"]
+METHOD_ORDER = ["LoRA", "full FT", "DoRA", "VeRA", "VeRA (lr 3e-2)", "AdaLoRA", "AdaLoRA (lr 5e-3)", "PiSSA", "QLoRA", "QLoRA + LoftQ"]
 
 
 # --- collecting --------------------------------------------------------------------------------------------
