@@ -1,7 +1,9 @@
 """`lorakit train --method full`: every weight trains with the same loop; OUT is a model directory; resume is exact."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -54,6 +56,11 @@ def test_full_fine_tuning_trains_every_weight_and_writes_a_model(lm_dir, tmp_pat
     with torch.no_grad():
         assert torch.equal(again(tokens).logits, result.model(tokens).logits)
     assert (out / "best" / "model.safetensors").exists() and (out / "best" / "config.json").exists()
+    # the weights get a normal write's permissions too (safetensors creates its file 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    for d in (out, out / "best"):
+        assert stat.S_IMODE((d / "model.safetensors").stat().st_mode) == 0o666 & ~mask
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["method"] == "full" and "rank" not in saved  # usable as --config: no LoRA setting in it
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..adapters import disabled
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..files import atomic_write
+from ..files import atomic_write, set_default_permissions
 from ..inject import inject
 from ..io import WEIGHTS_NAME, load_adapter_weights, save_adapter
 from ..variants.adalora import AdaLoraConfig
@@ -213,6 +213,7 @@ def save_full_model(model: nn.Module, path: str | os.PathLike, tokenizer=None) -
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        set_default_permissions(tmp)  # safetensors creates its file 0600; a normal write would not
         names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
         for stale in path.glob("model*.safetensors*"):  # shards of an earlier save would mix with these
             if stale.name not in names:
