@@ -88,17 +88,18 @@ def test_rank_above_vllms_largest_choice(llama_dir, tmp_path):
     assert check(path, "lorax")[1] == []
 
 
-def test_conversions_plug_into_the_registry(llama_dir, tmp_path):
-    """An AdaLoRA adapter names the conversion another module provides; once registered, --fix runs it and
-    then pads the ranks it leaves."""
+def test_conversions_plug_into_the_registry(llama_dir, tmp_path, monkeypatch):
+    """A problem names its conversion; without it in the registry --fix says so, with it --fix runs it and then pads
+    the ranks it leaves. (The real adalora-to-lora is tested in test_check_fix.py; a stand-in here.)"""
     path = edit_config(saved(llama_dir, tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj", "v_proj"])),
                        peft_type="ADALORA")
     adapter, found = check(path, "vllm")
     assert [p.fix for p in found] == ["adalora-to-lora"]
+    monkeypatch.delitem(CONVERSIONS, "adalora-to-lora")
     with pytest.raises(ConfigError, match="adalora-to-lora conversion is not available"):
         fix(adapter, found, "vllm", tmp_path / "out")
 
-    def fake_adalora_to_lora(adapter, out, engine):  # stands in for lorakit.adalora_to_lora: LoRA + a rank_pattern
+    def fake_adalora_to_lora(adapter, out, engine):  # LoRA + a rank_pattern, as the real one leaves
         shutil.copytree(adapter.path, out, dirs_exist_ok=True)
         edit_config(out, peft_type="LORA", rank_pattern={"v_proj": 2})
         tensors = load_file(out / "adapter_model.safetensors")
@@ -107,11 +108,8 @@ def test_conversions_plug_into_the_registry(llama_dir, tmp_path):
                 tensors[k] = (tensors[k][:2] if "lora_A" in k else tensors[k][:, :2]).contiguous()
         save_file(tensors, out / "adapter_model.safetensors")
 
-    register_conversion(Conversion("adalora-to-lora", "test stand-in", fake_adalora_to_lora))
-    try:
-        assert fix(adapter, found, "vllm", tmp_path / "out") == ["adalora-to-lora", "rank-padding"]
-    finally:
-        del CONVERSIONS["adalora-to-lora"]
+    register_conversion(Conversion("adalora-to-lora", "test stand-in", fake_adalora_to_lora))  # undone by monkeypatch
+    assert fix(adapter, found, "vllm", tmp_path / "out") == ["adalora-to-lora", "rank-padding"]
     assert check(tmp_path / "out", "vllm")[1] == []
 
 

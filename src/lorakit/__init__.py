@@ -15,7 +15,7 @@ from .compose.extract import extract_adapter
 from .compose.mixture import add_mixture, load_mixture, mixture_balance_loss, save_mixture
 from .compose.resize import resize_adapter
 from .config import LoraConfig
-from .convert import adalora_to_lora
+from .convert import adalora_to_lora, pissa_to_lora
 from .errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -53,7 +53,7 @@ __all__ = [
     "combine_adapters", "resize_adapter", "extract_adapter",
     "MixtureConfig", "add_mixture", "save_mixture", "load_mixture", "mixture_balance_loss",
     "plan_memory", "recommend_config",
-    "AdaLoraConfig", "adalora_step", "adalora_orth_loss", "adalora_to_lora",
+    "AdaLoraConfig", "adalora_step", "adalora_orth_loss", "adalora_to_lora", "pissa_to_lora",
     "LorakitError", "ConfigError", "TargetModulesNotFoundError", "AdapterNotFoundError", "AdapterExistsError",
     "AdapterFileError", "AdapterFileNotFoundError", "IncompatibleAdapterError", "ShapeMismatchError", "MergeStateError",
     "MissingDependencyError",

@@ -1,6 +1,7 @@
 """`lorakit check`: can a given engine (vLLM, LoRAX, PEFT, lorakit) serve this adapter, and if not, why not; with a
-servable copy written where a conversion exists. Conversions live in a small registry (`CONVERSIONS`) that other
-modules plug into (AdaLoRA → LoRA, PiSSA → plain LoRA); rank padding is defined here.
+servable copy written where a conversion exists. Conversions live in a small registry (`CONVERSIONS`); rank padding
+and PEFT's spellings are defined here, AdaLoRA → LoRA and PiSSA/OLoRA → plain LoRA plug in from convert.py (which
+imports this module, not the other way round).
 
 Only the config and the weights' header are read to check; a conversion reads the tensors.
 """
@@ -71,24 +72,30 @@ class Problem:
 
 @dataclass
 class Conversion:
-    """A rewrite of an adapter into a servable one: `convert(adapter, out_dir, engine)` writes PEFT-format files."""
+    """A rewrite of an adapter into a servable one: `convert(adapter, out_dir, engine)` writes PEFT-format files.
+    One that `needs_base` reads the weights of the model the adapter was trained on: it is called with `base=` (a
+    model directory), and `fix` refuses before writing anything when none is given."""
 
     name: str
     describe: str
-    convert: Callable[[Adapter, Path, str], None]
+    convert: Callable[..., None]
+    needs_base: bool = False
 
 
 CONVERSIONS: dict[str, Conversion] = {}
 
 
 def register_conversion(conversion: Conversion) -> None:
-    """Plug a conversion in (e.g. `lorakit.adalora_to_lora` registers "adalora-to-lora"); problems name it by `fix`."""
+    """Plug a conversion in (convert.py registers "adalora-to-lora" and "pissa-to-lora"); problems name it by `fix`."""
     CONVERSIONS[conversion.name] = conversion
 
 
-# Problems a conversion from another module would fix, by peft_type or init: (message, conversion name).
+# Problems a conversion from another module fixes, by peft_type or init_lora_weights: (message, conversion name).
 TYPE_FIXES = {"ADALORA": ("an AdaLoRA adapter (SVD-form factors with a learned rank budget)", "adalora-to-lora")}
-INIT_FIXES = {"pissa": ("a PiSSA adapter (trained on a base whose principal components were taken out)", "pissa-to-lora")}
+INIT_FIXES = {
+    "pissa": ("a PiSSA adapter (trained on a base whose principal components were taken out)", "pissa-to-lora"),
+    "olora": ("an OLoRA adapter (trained on a base whose leading QR factors were taken out)", "pissa-to-lora"),
+}
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -139,9 +146,17 @@ def _common(adapter: Adapter, engine: str) -> list[Problem]:
     if adapter.peft_type != "LORA":
         return [Problem(f"peft_type is {adapter.peft_type}; {engine} serves LoRA adapters only")]
     init = c.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().split("_")[0] in INIT_FIXES:
-        what, fix = INIT_FIXES[init.lower().split("_")[0]]
+    init = init.lower() if isinstance(init, str) else ""
+    if init in INIT_FIXES:
+        what, fix = INIT_FIXES[init]
         found.append(Problem(f"it is {what}; it needs that changed base, which {engine} does not have", fix))
+    elif init.startswith("pissa_niter_"):
+        # The starting factors came from a randomised SVD: recomputing them from the base gives other ones.
+        found.append(Problem(f"it is a PiSSA adapter initialised by a randomised SVD ({init}) and trained on a base "
+                             f"whose principal components were taken out, which {engine} does not have; those "
+                             "components cannot be recomputed exactly, so no plain LoRA can be written from the file "
+                             "(save the trained model again with lorakit.save_adapter: its default form is plain "
+                             "LoRA)"))
     if c.get("use_dora"):
         found.append(Problem(f"it uses DoRA (use_dora=true), which {engine} does not support; DoRA's magnitude cannot "
                              "be folded into plain LoRA factors (merge it into the base instead)"))
@@ -185,7 +200,7 @@ def _peft(adapter: Adapter) -> list[Problem]:
     with safe_open(str(adapter.path / WEIGHTS_NAME), framework="pt") as f:
         keys = list(f.keys())
     spelled = [k for k in keys if not k.startswith(PREFIX) or canonical_key(k) != k[len(PREFIX):]
-               or _plain(k) != k]
+               or _plain(k, adapter.peft_type) != k]
     if spelled:
         found.append(Problem(f"{len(spelled)} tensor keys are not spelled as PEFT writes them (e.g. {spelled[0]!r})",
                              "canonical-files"))
@@ -243,18 +258,20 @@ def canonical_files(adapter: Adapter, out: Path, engine: str) -> None:
     for key, value in read_adapter_tensors(adapter.path).items():
         canonical = canonical_key(key)
         if canonical is not None:
-            tensors[PREFIX + _plain(canonical)] = value
+            tensors[PREFIX + _plain(canonical, adapter.peft_type)] = value
     peft = {k: v for k, v in _read_config_json(adapter.path).items() if k in PEFT_LORA_KEYS or k in PEFT_MATH_KEYS}
     _write(out, tensors, peft)
 
 
-def _plain(key: str) -> str:
-    """A factor key without an adapter name inside (`lora_A.default.weight` → `lora_A.weight`)."""
+def _plain(key: str, peft_type: str = "LORA") -> str:
+    """A factor key without an adapter name inside (`lora_A.default.weight` → `lora_A.weight`). Only LoRA's A and B
+    are Linear/Conv modules in PEFT (`.weight`); AdaLoRA's triplets, DoRA's magnitude, VeRA's scalings and the
+    embedding factors are bare parameters."""
     factor = split_factor_key(key)
     if factor is None:
         return key
     module, token = factor
-    return f"{module}.{token}" + ("" if token.startswith("lora_embedding") else ".weight")
+    return f"{module}.{token}" + (".weight" if peft_type == "LORA" and token in ("lora_A", "lora_B") else "")
 
 
 def _write(out: Path, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> None:
@@ -280,25 +297,40 @@ def check(path: str | os.PathLike, engine: str) -> tuple[Adapter | None, list[Pr
     return adapter, problems(adapter, engine)
 
 
-def fix(adapter: Adapter, found: list[Problem], engine: str, out: str | os.PathLike) -> list[str]:
+def fix(adapter: Adapter, found: list[Problem], engine: str, out: str | os.PathLike,
+        base: str | os.PathLike | None = None) -> list[str]:
     """Write a servable copy to `out` by applying each problem's conversion in turn; the conversions applied.
+    `base` is the model directory the adapter was trained on, for conversions that need it (PiSSA's).
     Raises ConfigError naming the problems that no conversion removes (nothing is written then)."""
     unfixable = [p.what for p in found if p.fix is None]
     missing = sorted({p.fix for p in found if p.fix is not None and p.fix not in CONVERSIONS})
     if unfixable or missing:
         why = unfixable + [f"the {m} conversion is not available in this lorakit" for m in missing]
         raise ConfigError(f"no servable copy of {str(adapter.path)!r} for {engine} can be written: " + "; ".join(why))
+    needing = [p.fix for p in found if p.fix is not None and CONVERSIONS[p.fix].needs_base]
+    if needing and base is None:
+        trained_on = adapter.config.get("base_model_name_or_path")
+        raise ConfigError(f"the {needing[0]} conversion of {str(adapter.path)!r} recomputes what the adapter took out "
+                          "of its base, so it needs that base model: pass --base DIR (the model it was trained on"
+                          + (f", {trained_on!r} by its config" if trained_on else "") + "); nothing was written")
     applied, current, out = [], adapter, Path(out)
     for name in dict.fromkeys(p.fix for p in found):
-        CONVERSIONS[name].convert(current, out, engine)
+        _apply(CONVERSIONS[name], current, out, engine, base)
         applied.append(name)
         current = read(out)
     for name in dict.fromkeys(p.fix for p in problems(current, engine) if p.fix is not None):
         if name not in applied:  # e.g. AdaLoRA → LoRA leaves a rank_pattern for rank padding
-            CONVERSIONS[name].convert(current, out, engine)
+            _apply(CONVERSIONS[name], current, out, engine, base)
             applied.append(name)
             current = read(out)
     return applied
+
+
+def _apply(conversion: Conversion, adapter: Adapter, out: Path, engine: str, base) -> None:
+    if conversion.needs_base:
+        conversion.convert(adapter, out, engine, base=base)
+    else:
+        conversion.convert(adapter, out, engine)
 
 
 def report(path: Path, adapter: Adapter | None, found: list[Problem], engine: str) -> str:
@@ -307,6 +339,10 @@ def report(path: Path, adapter: Adapter | None, found: list[Problem], engine: st
         return f"ok: {path} can be served by {engine}{hint}"
     lines = [f"no: {path} cannot be served by {engine}:"]
     for p in found:
-        lines.append(f"  - {p.what}" + (f" [fix: --fix applies {p.fix}]" if p.fix else " [no conversion exists]"))
+        if p.fix is None:
+            lines.append(f"  - {p.what} [no conversion exists]")
+        else:
+            given = " with --base DIR" if p.fix in CONVERSIONS and CONVERSIONS[p.fix].needs_base else ""
+            lines.append(f"  - {p.what} [fix: --fix{given} applies {p.fix}]")
     return "\n".join(lines)
 

@@ -46,17 +46,22 @@ def _merge(args) -> int:
 
 
 def _convert(args) -> int:
-    from .convert import adalora_to_lora
+    from .convert import to_lora
 
-    adalora_to_lora(args.adapter, args.out)
+    to_lora(args.adapter, args.out, base=args.base)
     print(f"LoRA adapter with equal outputs written to {args.out}")
     return 0
 
 
 def _check(args) -> int:
+    from . import convert  # noqa: F401  (registers its conversions, adalora-to-lora and pissa-to-lora)
     from .check import adapter_dirs, check, fix, report
     from .errors import ConfigError
 
+    if args.base is not None:
+        from .hf import resolve_base
+
+        resolve_base(args.base)  # a wrong --base is said before any adapter is read
     paths = [p for a in args.adapters for p in adapter_dirs(a)]
     if args.fix and (args.out is None or len(paths) != 1):
         raise ConfigError("--fix writes one adapter's servable copy: pass one adapter directory and --out DIR")
@@ -65,7 +70,7 @@ def _check(args) -> int:
         adapter, found = check(path, args.engine)
         print(report(path, adapter, found, args.engine))
         if found and args.fix and adapter is not None:
-            applied = fix(adapter, found, args.engine, args.out)
+            applied = fix(adapter, found, args.engine, args.out, base=args.base)
             print(f"wrote a copy that {args.engine} can serve to {args.out} ({', '.join(applied)})")
             continue
         bad += bool(found)
@@ -110,10 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "into its dequantised weights, saved in full precision")
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("convert", help="rewrite an adapter in another method's form with equal outputs (AdaLoRA -> LoRA)")
-    p.add_argument("adapter", help="adapter directory to convert (an AdaLoRA adapter)")
+    p = sub.add_parser("convert", help="rewrite an adapter in another method's form with equal outputs "
+                                       "(AdaLoRA or PiSSA/OLoRA -> LoRA)")
+    p.add_argument("adapter", help="adapter directory to convert (AdaLoRA, or PiSSA/OLoRA saved for its residual base)")
     p.add_argument("--to", required=True, choices=["lora"], help="the form to write: lora (servable by any LoRA server)")
     p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--base", default=None, metavar="DIR", help="the model a PiSSA/OLoRA adapter was trained on (its "
+                   "starting factors are recomputed from it)")
     p.set_defaults(func=_convert)
 
 
@@ -124,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--for", dest="engine", required=True, choices=["vllm", "lorax", "peft", "lorakit"])
     p.add_argument("--fix", action="store_true", help="write a copy the engine can serve (needs --out)")
     p.add_argument("--out", default=None, metavar="DIR", help="where --fix writes the copy")
+    p.add_argument("--base", default=None, metavar="DIR", help="the model the adapter was trained on, for conversions "
+                   "that need it (PiSSA/OLoRA -> plain LoRA)")
     p.set_defaults(func=_check)
 
     p = sub.add_parser("demo", help="inject, train, save, reload and merge on a tiny built-in model")

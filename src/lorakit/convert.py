@@ -1,5 +1,6 @@
-"""Rewrite an adapter directory in another method's form with the same outputs: today AdaLoRA → plain LoRA,
-which every LoRA server (lorakit's, vLLM, PEFT's mixed batches) runs."""
+"""Rewrite an adapter directory in another method's form with the same outputs: AdaLoRA → plain LoRA, and PiSSA/OLoRA
+saved for their residual base → plain LoRA for the untouched base, which every LoRA server (lorakit's, vLLM, PEFT's
+mixed batches) runs. Both are registered as `lorakit check --fix` conversions."""
 
 from __future__ import annotations
 
@@ -10,10 +11,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .check import Conversion, register_conversion
 from .errors import AdapterFileError, ConfigError, ShapeMismatchError
 from .files import atomic_write, atomic_write_json
-from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors, split_factor_key
+from .hf import load_base_model, resolve_base
+from .io import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    load_adapter,
+    read_adapter_config,
+    read_adapter_tensors,
+    save_adapter,
+    split_factor_key,
+)
 from .variants.adalora import TRIPLET, lora_form
+from .variants.pissa import is_residual_init
 
 
 def adalora_to_lora(path: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -64,3 +77,52 @@ def _check_layer(path: Path, module: str, parts: dict[str, torch.Tensor], rank: 
             f"{tuple(B.shape)}, but its config gives it rank {rank} (A: (r, in), E: (r, 1), B: (out, r)); "
             "the config and the weights disagree"
         )
+
+
+def pissa_to_lora(path: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the PiSSA or OLoRA adapter at `path`, saved for its residual base (init_lora_weights "pissa" or "olora":
+    PEFT's files, lorakit's checkpoints), as a plain LoRA adapter for the untouched `base` with equal outputs.
+
+    The file holds the trained A and B only; the starting factors A0, B0 (the part of W0 the base gave up) are
+    recomputed from `base`, the model it was trained on, exactly as loading the file does. The copy is what
+    `save_adapter` writes for such an adapter: ΔW = s·(B·A − B0·A0) = s·[B | −B0]·[A ; A0], rank 2r at the
+    same scale (PEFT's conversion). A randomised-SVD init ("pissa_niter_N") cannot be recomputed and is refused.
+    Returns `out`.
+    """
+    path = Path(path)
+    config = read_adapter_config(path)
+    init = getattr(config, "init", "")
+    if config.method != "lora" or not is_residual_init(init):
+        raise AdapterFileError(f"{path} is not a PiSSA/OLoRA adapter saved for its residual base (method "
+                               f"{config.method!r}, init_lora_weights {init!r}); only those convert this way")
+    if init.startswith("pissa_niter_"):
+        raise AdapterFileError(
+            f"{path} is a PiSSA adapter initialised by a randomised SVD ({init}); the principal part it took out of "
+            "the base cannot be recomputed exactly (another random draw gives other factors), so it cannot be written "
+            "as a plain LoRA. Save the trained model again with lorakit.save_adapter (its default form is plain LoRA)")
+    # fp32 as in training's factorisation; only the factors are written, so the base's own dtype does not matter.
+    model = load_base_model(resolve_base(base), config.task_type or "CAUSAL_LM", dtype=torch.float32)
+    load_adapter(model, path)  # re-initialises A0, B0 from the base's weights, then copies A and B in
+    return save_adapter(model, out)
+
+
+def to_lora(path: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+    """`lorakit convert --to lora`: AdaLoRA → LoRA, or PiSSA/OLoRA → plain LoRA (which needs `base`)."""
+    config = read_adapter_config(path)
+    if config.method == "lora" and is_residual_init(getattr(config, "init", "")):
+        if base is None:
+            raise ConfigError(f"{path} is a {config.init} adapter: converting it recomputes what it took out of its "
+                              "base, so pass --base DIR (the model it was trained on)")
+        return pissa_to_lora(path, base, out)
+    if config.method != "adalora":
+        raise AdapterFileError(f"{path} holds a {config.method} adapter (init {getattr(config, 'init', None)!r}): "
+                               "only AdaLoRA adapters and PiSSA/OLoRA ones saved for their residual base convert to LoRA")
+    return adalora_to_lora(path, out)
+
+
+register_conversion(Conversion(
+    "adalora-to-lora", "AdaLoRA's kept triplets as plain LoRA factors, each layer at its own rank, scale 1",
+    lambda adapter, out, engine: adalora_to_lora(adapter.path, out)))
+register_conversion(Conversion(
+    "pissa-to-lora", "PiSSA/OLoRA as the plain LoRA for the untouched base (rank 2r, A0 and B0 recomputed from it)",
+    lambda adapter, out, engine, base: pissa_to_lora(adapter.path, base, out), needs_base=True))

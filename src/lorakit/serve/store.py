@@ -381,8 +381,8 @@ class AdapterStore:
         if is_residual_init(getattr(config, "init", "")):
             raise IncompatibleAdapterError(
                 f"adapter {str(path)!r} is a {config.init} adapter saved for a residual base (init_lora_weights="
-                f"{config.init!r}); loading it would rewrite the shared base. Convert it once: lorakit.load_adapter it "
-                "onto the base and lorakit.save_adapter it again (that writes the equivalent plain LoRA)"
+                f"{config.init!r}); loading it would rewrite the shared base. Convert it once to the equivalent "
+                "plain LoRA: lorakit convert ADAPTER --to lora --base BASE --out DIR (lorakit.pissa_to_lora)"
             )
         if config.modules_to_save or config.bias != "none":
             what = f"full copies of {config.modules_to_save}" if config.modules_to_save else f"biases (bias={config.bias!r})"
