@@ -173,27 +173,18 @@ def check_names(model: nn.Module, names: RowNames) -> tuple[rows.RowChoice, ...]
         raise MixedBatchError(f"adapter_names must be a non-empty list with one adapter name (or None) per row, got {names!r}")
     state = get_state(model)
     known = state.configs if state else {}  # a dict: membership costs the same with thousands of adapters
-    checked = list(names)
-    for i, name in enumerate(names):
-        if name is None:
-            continue
-        if not isinstance(name, str):
-            checked[i] = name = _check_mix(name, i)
-            if isinstance(name, str):
-                continue
-            for n, _ in name:
-                if n not in known:
-                    raise AdapterNotFoundError(f"no adapter named {n!r} (row {i}); the model has: {list(known) or 'none'}")
-            continue
-        if name not in known:
-            raise AdapterNotFoundError(f"no adapter named {name!r} (row {i}); the model has: {list(known) or 'none'}")
-    for name in dict.fromkeys(a for n in checked if n is not None for a in ((n,) if isinstance(n, str) else (p[0] for p in n))):
+    checked = tuple(n if n is None or isinstance(n, str) else _check_mix(n, i) for i, n in enumerate(names))
+    for i, choice in enumerate(checked):
+        for name in rows.adapters_of(choice):
+            if name not in known:
+                raise AdapterNotFoundError(f"no adapter named {name!r} (row {i}); the model has: {list(known) or 'none'}")
+    for name in dict.fromkeys(a for choice in checked for a in rows.adapters_of(choice)):
         if state.configs[name].modules_to_save and any(name in w.modules_to_save for _, w in save_wrappers(model)):
             raise MixedBatchError(
                 f"adapter {name!r} trains its own copy of {state.configs[name].modules_to_save}, which one shared "
                 "forward cannot switch per row; run its rows in their own batch with lorakit.set_active"
             )
-    return tuple(checked)
+    return checked
 
 
 def _check_mix(mix, row: int) -> rows.RowChoice:

@@ -51,6 +51,13 @@ def current_plan() -> "RowPlan | None":
 RowChoice = str | tuple[tuple[str, float], ...] | None
 
 
+def adapters_of(choice: RowChoice) -> tuple[str, ...]:
+    """The adapters a row's choice runs (none for the base)."""
+    if choice is None:
+        return ()
+    return (choice,) if isinstance(choice, str) else tuple(name for name, _ in choice)
+
+
 @contextlib.contextmanager
 def use_plan(names: tuple[RowChoice, ...]) -> Iterator[None]:
     """Run every LoRA layer called inside this block (this thread / task) per row; names are checked by the caller."""
@@ -74,7 +81,7 @@ class RowPlan:
         self.names = names
         self.mixed = any(type(n) is tuple for n in names)
         if self.mixed:
-            self.distinct = {a for n in names if n is not None for a in ((n,) if type(n) is str else (p[0] for p in n))}
+            self.distinct = {a for n in names for a in adapters_of(n)}
         else:
             self.distinct = {n for n in names if n is not None}
         self._layers: dict[int, tuple] = {}
@@ -147,7 +154,7 @@ class RowPlan:
         for i, choice in enumerate(self.names):
             if choice is None:
                 continue
-            single = type(choice) is str
+            single = isinstance(choice, str)
             k = 0
             for name, weight in ((choice, 1.0),) if single else choice:
                 a = present.get(name)

@@ -44,7 +44,7 @@ async def submit(state: ServerState, adapter: Choice, jobs: list[Job]) -> list[H
 def pin_all(store: AdapterStore, choice: Choice, count: int, pins: list[str]) -> dict[str, str]:
     """pin() for each adapter of `choice`; {store name: model name}."""
     model_names = {}
-    for name in mixes.components(choice):
+    for name in mixes.adapters_of(choice):
         pin(store, name, count, pins)
         model_names[name] = pins[-1]
     return model_names

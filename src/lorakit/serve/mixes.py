@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 from typing import Collection
 
+from ..rows import adapters_of
 from .api_models import APIError
 from .jobs import Choice  # None: the base; a name; or a mix of (name, weight) pairs (store names, or model names once pinned)
 
-__all__ = ["Choice", "SYNTAX", "parse_model", "from_field", "check_mix", "components", "on_model", "acquire", "release"]
+__all__ = ["Choice", "SYNTAX", "parse_model", "from_field", "check_mix", "adapters_of", "on_model", "acquire", "release"]
 
 SYNTAX = ("a mix is written name:weight+name:weight, e.g. code:0.6+chat:0.4 (weights are finite numbers, "
           "negative allowed; a name alone weighs 1)")
@@ -80,13 +81,6 @@ def check_mix(pairs: list[tuple[str, float]], base_name: str, names: Collection[
     return tuple((name, float(weight)) for name, weight in pairs)
 
 
-def components(choice: Choice) -> tuple[str, ...]:
-    """The adapters a choice uses (none for the base)."""
-    if choice is None:
-        return ()
-    return (choice,) if isinstance(choice, str) else tuple(name for name, _ in choice)
-
-
 def on_model(choice: Choice, model_names: dict[str, str]) -> Choice:
     """The choice with each store name replaced by its name on the model (what acquire() returned)."""
     if choice is None or isinstance(choice, str):
@@ -98,7 +92,7 @@ def acquire(source, choice: Choice) -> Choice:
     """Pin every adapter of `choice` (loading it if needed), all or none; the choice in model names."""
     model_names: dict[str, str] = {}
     try:
-        for name in components(choice):
+        for name in adapters_of(choice):
             model_names[name] = source.acquire(name)
     except BaseException:
         for name in model_names:
@@ -108,7 +102,7 @@ def acquire(source, choice: Choice) -> Choice:
 
 
 def release(source, choice: Choice) -> None:
-    for name in components(choice):
+    for name in adapters_of(choice):
         source.release(name)
 
 
