@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import numbers
 from typing import Iterator, Sequence
 
 import torch
@@ -17,7 +19,8 @@ from .rows import MixedBatchError
 from .state import get_state, lora_layers, save_wrappers
 
 AdapterChoice = str | Sequence[str] | Sequence[tuple[str, float]] | dict[str, float]
-RowNames = Sequence[str | None]
+# Per row: an adapter's name, None (the base), or a weighted mix as {name: weight} or [(name, weight), ...].
+RowNames = Sequence[str | None | dict[str, float] | Sequence[tuple[str, float]]]
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -150,10 +153,11 @@ def _parse_choice(adapters: AdapterChoice) -> list[ActiveAdapter]:
 
 @contextlib.contextmanager
 def adapter_rows(model: nn.Module, names: RowNames) -> Iterator[nn.Module]:
-    """Inside this block, row i of every batch that `model` computes runs adapter `names[i]` (None: the base).
+    """Inside this block, row i of every batch that `model` computes runs adapter `names[i]` (None: the base), or
+    a weighted mix of adapters ({name: weight}), which computes what `set_active` with those weights computes.
 
-        with adapter_rows(model, ["chat", None, "code"]):      # or model(ids, adapter_names=[...])
-            logits = model(ids).logits                        # row 1 is the pure base
+        with adapter_rows(model, ["chat", None, {"code": 0.6, "chat": 0.4}]):   # or model(ids, adapter_names=[...])
+            logits = model(ids).logits                                        # row 1 is the pure base
 
     Applies to the LoRA layers run in this thread (or asyncio task); a batch of k·len(names) rows
     (generate's beams or return sequences) repeats each name k times in a row. Inference only.
@@ -162,26 +166,50 @@ def adapter_rows(model: nn.Module, names: RowNames) -> Iterator[nn.Module]:
         yield model
 
 
-def check_names(model: nn.Module, names: RowNames) -> tuple[str | None, ...]:
-    """`names` as a tuple, after checking each is None or an adapter `model` holds and can run per row."""
+def check_names(model: nn.Module, names: RowNames) -> tuple[rows.RowChoice, ...]:
+    """`names` as a tuple, after checking each is None, an adapter `model` holds and can run per row, or a mix of
+    them; a mix becomes a tuple of (name, float weight) pairs (one adapter at weight 1: its plain name)."""
     if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
         raise MixedBatchError(f"adapter_names must be a non-empty list with one adapter name (or None) per row, got {names!r}")
     state = get_state(model)
     known = state.configs if state else {}  # a dict: membership costs the same with thousands of adapters
-    for i, name in enumerate(names):
-        if name is None:
-            continue
-        if not isinstance(name, str):
-            raise MixedBatchError(f"adapter_names[{i}] must be an adapter name or None, got {name!r}")
-        if name not in known:
-            raise AdapterNotFoundError(f"no adapter named {name!r} (row {i}); the model has: {list(known) or 'none'}")
-    for name in dict.fromkeys(n for n in names if n is not None):
+    checked = tuple(n if n is None or isinstance(n, str) else _check_mix(n, i) for i, n in enumerate(names))
+    for i, choice in enumerate(checked):
+        for name in rows.adapters_of(choice):
+            if name not in known:
+                raise AdapterNotFoundError(f"no adapter named {name!r} (row {i}); the model has: {list(known) or 'none'}")
+    for name in dict.fromkeys(a for choice in checked for a in rows.adapters_of(choice)):
         if state.configs[name].modules_to_save and any(name in w.modules_to_save for _, w in save_wrappers(model)):
             raise MixedBatchError(
                 f"adapter {name!r} trains its own copy of {state.configs[name].modules_to_save}, which one shared "
                 "forward cannot switch per row; run its rows in their own batch with lorakit.set_active"
             )
-    return tuple(names)
+    return checked
+
+
+def _check_mix(mix, row: int) -> rows.RowChoice:
+    """One row's mix as ((name, weight), ...): names distinct, weights finite numbers; one adapter at weight 1 is its name."""
+    expected = "an adapter name, None, or a mix as {name: weight} or [(name, weight), ...]"
+    if isinstance(mix, dict):
+        pairs = list(mix.items())
+    elif isinstance(mix, Sequence) and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in mix):
+        pairs = [tuple(p) for p in mix]
+    else:
+        raise MixedBatchError(f"adapter_names[{row}] must be {expected}, got {mix!r}")
+    if not pairs:
+        raise MixedBatchError(f"adapter_names[{row}] is an empty mix; name at least one adapter (or None for the base)")
+    out = []
+    for name, weight in pairs:
+        if not isinstance(name, str):
+            raise MixedBatchError(f"adapter_names[{row}] must be {expected}; {name!r} is not an adapter name")
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+            raise MixedBatchError(f"adapter_names[{row}]: the weight of {name!r} must be a finite number, got {weight!r}")
+        out.append((name, float(weight)))
+    if len({n for n, _ in out}) < len(out):
+        raise MixedBatchError(f"adapter_names[{row}] names an adapter twice: {mix!r}; give each adapter one weight")
+    if len(out) == 1 and out[0][1] == 1.0:
+        return out[0][0]
+    return tuple(out)
 
 
 class AdapterNamesKeyword:

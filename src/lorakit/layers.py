@@ -206,13 +206,15 @@ class LoraAdapter(nn.Module):
       merge_into(layer, W, w)   the weight after merging at strength w into W (fp32)
       output(layer, x, y)       the contribution added to the base output y
       fast_forward(layer, x, w) the whole layer output by a faster route when this adapter runs alone, else None
-      row_factors(layer)        (Aᵀ, Bᵀ, scale) for per-row slots; row_column_scale(layer) for DoRA-like rescaling;
-                                share_row_slot(layer, Aᵀ, Bᵀ) lets an inference-only adapter become a view of its slot
+      row_factors(layer)        (Aᵀ, Bᵀ, scale) for per-row slots (when `per_row`); row_column_scale(layer) for
+                                DoRA-like rescaling; share_row_slot(layer, Aᵀ, Bᵀ) lets an inference-only adapter
+                                become a view of its slot
       peft_tensors(layer)       {name after the module path in PEFT's file: tensor}; load_peft_tensor() the reverse
     """
 
     method = "lora"
     low_rank_delta = True  # ΔW = scale·B·A with factors() exactly (DoRA's is not: combine/resize refuse it)
+    per_row = True  # per-row batches hold it in slots (row_factors); False: its rows run its own output() instead
 
     def __init__(self, base: nn.Module, ltype: LayerType, r: int, scale: float, dropout: float = 0.0,
                  init: str = "kaiming"):

@@ -1,9 +1,16 @@
-"""Per-row adapters: one forward pass in which each row of the batch runs its own adapter, or the base.
+"""Per-row adapters: one forward pass in which each row of the batch runs its own adapter, a weighted mix of
+adapters, or the base.
 
 Each LoRA layer keeps its adapters in per-rank slots (slots.py). A batch gathers every row's slot and adds
 `scale · (x · A_row) · B_row` with two batched products (BGMV) per rank present, so the cost does not grow with
 the number of distinct adapters in the batch and switching copies nothing. Adapters that rescale each output
 feature (DoRA) also apply their slot's factor `G`; rows of other adapters keep 1.
+
+A row may run a mix `((name, weight), ...)`: the weighted sum of the adapters' changes, as `set_active` with
+weights computes it, without building a combined adapter. The k-th adapter of every mixed row is one more
+pass of the same products over the slots ("lane" k), its weight folded into the row's scale. An adapter whose
+change is not a plain low-rank sum (DoRA inside a mix), or that has no slots at all (a learned mixture router),
+runs its own `output()` on its rows instead.
 
 This module is the math and the per-thread plan; `lorakit.adapters.adapter_rows(model, names)` is the entry point.
 Inference only: adapter dropout is not applied and no gradient reaches the adapters.
@@ -39,8 +46,20 @@ def current_plan() -> "RowPlan | None":
     return _PLAN.get()
 
 
+# One row's choice: None (the base), an adapter's name, or a mix of (name, weight) pairs (lorakit.adapters.check_names
+# makes a mix of one adapter at weight 1 its plain name).
+RowChoice = str | tuple[tuple[str, float], ...] | None
+
+
+def adapters_of(choice: RowChoice) -> tuple[str, ...]:
+    """The adapters a row's choice runs (none for the base)."""
+    if choice is None:
+        return ()
+    return (choice,) if isinstance(choice, str) else tuple(name for name, _ in choice)
+
+
 @contextlib.contextmanager
-def use_plan(names: tuple[str | None, ...]) -> Iterator[None]:
+def use_plan(names: tuple[RowChoice, ...]) -> Iterator[None]:
     """Run every LoRA layer called inside this block (this thread / task) per row; names are checked by the caller."""
     token = _PLAN.set(RowPlan(names))
     try:
@@ -54,12 +73,17 @@ def use_plan(names: tuple[str | None, ...]) -> Iterator[None]:
 
 class RowPlan:
     """The adapter of every row, resolved once per layer into that layer's slots: per rank present, the slot
-    of each of its rows (an int when every row of the batch shares one slot) and which rows those are (None:
-    all). One plan lives as long as one `adapter_rows` block."""
+    of each of its rows (an int when every row of the batch shares one slot), which rows those are (None:
+    all) and their scale (one float, or one per row in a mix); plus the adapters run through their own output()
+    on their rows. One plan lives as long as one `adapter_rows` block."""
 
-    def __init__(self, names: tuple[str | None, ...]):
+    def __init__(self, names: tuple[RowChoice, ...]):
         self.names = names
-        self.distinct = {n for n in names if n is not None}
+        self.mixed = any(type(n) is tuple for n in names)
+        if self.mixed:
+            self.distinct = {a for n in names for a in adapters_of(n)}
+        else:
+            self.distinct = {n for n in names if n is not None}
         self._layers: dict[int, tuple] = {}
         self._cache: dict[tuple, object] = {}  # index tensors shared by layers whose adapters sit in the same slots
 
@@ -67,25 +91,30 @@ class RowPlan:
         entry = self._layers.get(id(layer))
         if entry is None or entry[0] is not layer:
             entry = self._layers[id(layer)] = (layer, self._prepare(layer))
-        parts = entry[1]
+        parts, own = entry[1]
         y = layer.base_layer(x)
-        if not parts:
+        if not parts and not own:
             return y
         n = x.shape[0] if x.dim() >= (1 if layer.type.takes_ids else 2) else 0
+        # Adapters run through their own output() read the base output, so before the slots add into y in place.
+        outputs = [self._own_output(layer, x, y, n, *o) for o in own] if own else ()
         scaled = []
         for group, slots, rows, scale in parts:
-            slots, rows = self._expand(slots, rows, n, x)
+            slots, rows, scale = self._expand(slots, rows, scale, n, x)
             if rows is None:
                 y = _add_slots(layer, group, slots, x, y, self, scale)
             else:  # only these rows: their delta alone, added into theirs
                 delta = _add_slots(layer, group, slots, x.index_select(0, rows), None, self, scale).to(y.dtype)
-                alpha = 1.0 if scale is None else scale
-                y = y.index_add_(0, rows, delta, alpha=alpha) if not torch.is_grad_enabled() else y.index_add(0, rows, delta, alpha=alpha)
+                y = _add_into_rows(y, rows, delta, scale if type(scale) is float else 1.0)
             if group.G is not None:
                 scaled.append((group, slots, rows))
-        return y if not scaled else _rescale(layer, y, _column_factors(scaled, y, n))
+        if scaled:
+            y = _rescale(layer, y, _column_factors(scaled, y, n))
+        for rows, delta in outputs:  # rows run by their own output() have no G: after the rescale, or before, alike
+            y = y + delta if rows is None else _add_into_rows(y, rows, delta, 1.0)
+        return y
 
-    def _prepare(self, layer) -> list[tuple]:
+    def _prepare(self, layer) -> tuple[list[tuple], list[tuple] | tuple]:
         if layer.merged:
             raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before running per-row adapters")
         if layer.base_parts:
@@ -97,9 +126,11 @@ class RowPlan:
         adapters = layer.adapters._modules
         present = {n: adapters[n] for n in self.distinct if n in adapters}
         if not present:  # no row's adapter reaches this layer: the base alone
-            return []
+            return [], ()
         if not layer.type.per_row:
             raise MixedBatchError(f"per-row adapters support Linear, GPT-2 Conv1D and Embedding layers, not {type(layer.base_layer).__name__}")
+        if self.mixed or not all(a.per_row for a in present.values()):
+            return self._prepare_lanes(layer, present)
         slots = {n: current_slot(layer, n, a) for n, a in present.items()}
         per_row = [slots.get(n) if n is not None else None for n in self.names]
         key = ("parts", tuple(None if s is None else (s.group.key, s.index) for s in per_row))
@@ -110,24 +141,83 @@ class RowPlan:
             # One scale for every row of the part (the usual case) rides on the final add's alpha: no gather, no pass.
             scales = {s.group.scales[s.index] for s in slots.values() if s.group.key == k}
             parts.append((groups[k], slot_index, rows, scales.pop() if len(scales) == 1 else None))
-        return parts
+        return parts, ()
 
-    def _expand(self, slots, rows, n: int, x: torch.Tensor):
-        """Slots and rows for an input of `n` rows: generate() repeats each row in place for beams / return sequences."""
+    def _prepare_lanes(self, layer, present: dict) -> tuple[list[tuple], list[tuple]]:
+        """Parts for a batch with mixes (or adapters without slots): lane k holds the k-th slotted adapter of every
+        row, its weight folded into the row's scale; a row's single adapter is lane 0 at weight 1 (DoRA keeps its G
+        there). Adapters without slots, and DoRA inside a mix, run their own output() on their rows."""
+        n = len(self.names)
+        lanes: list[tuple[list, list]] = []  # per lane: each row's Slot (or None) and weight
+        own: dict[str, tuple[list[int], list[float]]] = {}  # adapter -> its rows and their weights
+        slots: dict[str, object] = {}
+        for i, choice in enumerate(self.names):
+            if choice is None:
+                continue
+            single = isinstance(choice, str)
+            k = 0
+            for name, weight in ((choice, 1.0),) if single else choice:
+                a = present.get(name)
+                if a is None:  # this adapter does not adapt this layer
+                    continue
+                if not a.per_row or not (single or a.low_rank_delta):
+                    rows, weights = own.setdefault(name, ([], []))
+                    rows.append(i)
+                    weights.append(weight)
+                    continue
+                slot = slots.get(name)
+                if slot is None:
+                    slot = slots[name] = current_slot(layer, name, a)
+                if k == len(lanes):
+                    lanes.append(([None] * n, [0.0] * n))
+                lanes[k][0][i], lanes[k][1][i] = slot, weight
+                k += 1
+        parts = []
+        for k, (per_row, weights) in enumerate(lanes):
+            key = ("lane", k, tuple(None if s is None else (s.group.key, s.index, s.group.scales[s.index] * w)
+                                    for s, w in zip(per_row, weights)))
+            groups = {s.group.key: s.group for s in per_row if s is not None}
+            parts += [(groups[g], *rest) for g, *rest in self._cached(key, lambda: _lane_layout(per_row, weights))]
+        own_parts = []
+        device = layer.weight.device
+        for name, (rows, weights) in own.items():
+            whole = rows == list(range(n))
+            weight = weights[0] if len(set(weights)) == 1 else torch.tensor(weights, device=device)
+            own_parts.append((present[name], None if whole else torch.tensor(rows, device=device), weight))
+        return parts, own_parts
+
+    def _own_output(self, layer, x: torch.Tensor, y: torch.Tensor, n: int, adapter, rows, weight):
+        """(rows, weight · the adapter's own output on those rows), from the base output y (rows None: all)."""
+        _, rows, weight = self._expand(None, rows, weight, n, x)
+        if rows is not None:
+            x, y = x.index_select(0, rows), y.index_select(0, rows)
+        delta = adapter.output(layer, x, y)
+        if type(weight) is not float:
+            delta = delta * weight.to(delta.dtype).view(-1, *[1] * (delta.dim() - 1))
+        elif weight != 1.0:
+            delta = delta * weight
+        return rows, delta.to(y.dtype)
+
+    def _expand(self, slots, rows, scale, n: int, x: torch.Tensor):
+        """Slots, rows and scale for an input of `n` rows: generate() repeats each row in place for beams / return
+        sequences."""
         names = len(self.names)
         if n == names:
-            return slots, rows
+            return slots, rows, scale
         if not n or n % names:
             raise MixedBatchError(
                 f"a LoRA layer got an input of shape {tuple(x.shape)}, whose first dimension does not fit the "
                 f"{names} adapter names given; pass one name (or None) per row of the batch"
             )
         if isinstance(slots, int):
-            return slots, rows
+            return slots, rows, scale
         k = n // names
-        return self._cached(("expand", id(slots), id(rows), k), lambda: (
-            slots.repeat_interleave(k),
-            None if rows is None else (rows[:, None] * k + torch.arange(k, device=rows.device)).reshape(-1)))
+        per_row = isinstance(scale, torch.Tensor)
+        slots, rows, per_row_scale = self._cached(("expand", id(slots), id(rows), id(scale) if per_row else None, k), lambda: (
+            None if slots is None else slots.repeat_interleave(k),
+            None if rows is None else (rows[:, None] * k + torch.arange(k, device=rows.device)).reshape(-1),
+            scale.repeat_interleave(k) if per_row else None))
+        return slots, rows, per_row_scale if per_row else scale
 
     def _cached(self, key: tuple, make):
         value = self._cache.get(key)
@@ -155,13 +245,47 @@ def _layout(per_row: list) -> list[tuple]:
     return out
 
 
+def _lane_layout(per_row: list, weights: list[float]) -> list[tuple]:
+    """[(rank key, slot of each of its rows, its rows, scale)] for one lane: the scale is `slot scale × weight`, one
+    float when all the part's rows share it, else a tensor with each row's."""
+    by_group: dict[tuple, tuple[list[int], list[int], list[float]]] = {}
+    for i, (s, w) in enumerate(zip(per_row, weights)):
+        if s is not None:
+            rows, idx, scales = by_group.setdefault(s.group.key, ([], [], []))
+            rows.append(i)
+            idx.append(s.index)
+            scales.append(s.group.scales[s.index] * w)
+    out = []
+    for key, (rows, idx, scales) in by_group.items():
+        device, dtype = key[2], key[1]
+        whole, one_scale = len(rows) == len(per_row), len(set(scales)) == 1
+        scale = scales[0] if one_scale else torch.tensor(scales, dtype=dtype, device=device)
+        if whole and one_scale and len(set(idx)) == 1:
+            out.append((key, idx[0], None, scale))
+        else:
+            out.append((key, torch.tensor(idx, device=device), None if whole else torch.tensor(rows, device=device), scale))
+    return out
+
+
+def _add_into_rows(y: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    if torch.is_grad_enabled():
+        return y.index_add(0, rows, delta, alpha=alpha)
+    return y.index_add_(0, rows, delta, alpha=alpha)
+
+
+def _row_scales(group: SlotGroup, slots: torch.Tensor, scale) -> torch.Tensor:
+    """Each row's scale when its rows do not share one: its slot's, or a mix's (slot scale × weight, precomputed)."""
+    return group.scale[slots] if scale is None else scale
+
+
 def _add_slots(layer, group: SlotGroup, slots, x: torch.Tensor, y: torch.Tensor | None, plan: RowPlan,
-               scale: float | None) -> torch.Tensor:
+               scale) -> torch.Tensor:
     """y + each row's `scale · (x · Aᵀ[slot]) · Bᵀ[slot]` for rows whose adapters all sit in `group` (in place into y
-    when no graph is recorded). `scale`: the one scale of all these rows, or None to read each row's. With y None,
-    the delta alone, shaped like x with the output's width (not multiplied by a common `scale`: the caller does)."""
+    when no graph is recorded). `scale`: the one scale of all these rows (a float), None to read each row's from
+    its slot, or a tensor with each row's. With y None, the delta alone, shaped like x with the output's width (not
+    multiplied by a common float `scale`: the caller does)."""
     if isinstance(slots, int):
-        return _add_one(layer, group, slots, x, y)
+        return _add_one(layer, group, slots, x, y, scale)
     if layer.type.takes_ids:
         return _add_embedding_rows(group, slots, x, y, scale)
     x3 = x.reshape(slots.shape[0], -1, x.shape[-1])
@@ -194,37 +318,38 @@ def _rescale(layer, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(bias, y - bias, g.to(y.dtype))
 
 
-def _add_one(layer, group: SlotGroup, s: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Every row runs slot `s`: plain matrix products, at the adapter's own rank."""
+def _add_one(layer, group: SlotGroup, s: int, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every row runs slot `s` at one `scale` (its own, or a mix's weight times it): plain matrix products, at the
+    adapter's own rank."""
     A, B = group.A[s], group.B[s]
     r = A.shape[1]
     t = F.embedding(x, A) if layer.type.takes_ids else x.to(A.dtype) @ A
-    return _add(y, t.reshape(-1, r), B, x, group.scales[s])
+    return _add(y, t.reshape(-1, r), B, x, scale)
 
 
 def _add_rows(group: SlotGroup, slots: torch.Tensor, x3: torch.Tensor, y: torch.Tensor | None,
-              scale: float | None) -> torch.Tensor:
+              scale) -> torch.Tensor:
     """Row i adds `scale_i · (x_i · A[slot_i]) · B[slot_i]`: gather each row's factors, two batched products (BGMV);
     the scale multiplies the r-wide product, the cheapest place for it."""
     t = torch.bmm(x3.to(group.A.dtype), group.A[slots])
-    if scale is None:
-        t.mul_(group.scale[slots].view(-1, 1, 1))
-    return _add(y, t, group.B[slots], x3, 1.0 if scale is None else scale)
+    if type(scale) is not float:
+        t.mul_(_row_scales(group, slots, scale).view(-1, 1, 1))
+    return _add(y, t, group.B[slots], x3, scale if type(scale) is float else 1.0)
 
 
 def _add_rows_in_place(group: SlotGroup, slots: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor],
-                       x3: torch.Tensor, y: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+                       x3: torch.Tensor, y: torch.Tensor | None, scale) -> torch.Tensor:
     """The same sum for few tokens per row, without copying any factor: token j of row i is a bag of the
     rows `slot_i·in + k` of A (viewed as (slots·in, r)) weighted by x_ijk; then likewise through B."""
     index_A, index_B = index
     A, B = group.A.view(-1, group.A.shape[-1]), group.B.view(-1, group.B.shape[-1])
     t = F.embedding_bag(index_A, A, per_sample_weights=x3.reshape(-1, x3.shape[-1]).to(A.dtype), mode="sum")
-    if scale is None:
-        t = t.view(x3.shape[0], x3.shape[1], -1).mul_(group.scale[slots].view(-1, 1, 1)).view(-1, t.shape[-1])
+    if type(scale) is not float:
+        t = t.view(x3.shape[0], x3.shape[1], -1).mul_(_row_scales(group, slots, scale).view(-1, 1, 1)).view(-1, t.shape[-1])
     delta = F.embedding_bag(index_B, B, per_sample_weights=t, mode="sum")
     if y is None:
         return delta.view(*x3.shape[:-1], -1)
-    delta, alpha = delta.view(y.shape), 1.0 if scale is None else scale
+    delta, alpha = delta.view(y.shape), scale if type(scale) is float else 1.0
     if y.dtype == delta.dtype and not torch.is_grad_enabled():
         return y.add_(delta, alpha=alpha)
     return y + alpha * delta.to(y.dtype)
@@ -238,13 +363,13 @@ def _bag_index(slots: torch.Tensor, tokens: int, in_f: int, r: int) -> tuple[tor
 
 
 def _add_embedding_rows(group: SlotGroup, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
-                        scale: float | None) -> torch.Tensor:
+                        scale) -> torch.Tensor:
     n = slots.shape[0]
     t = group.A[slots.view(-1, *[1] * (x.dim() - 1)), x]  # (n, ..., r): each token's row of its adapter's Aᵀ
     t = t.reshape(n, -1, t.shape[-1])
-    if scale is None:
-        t = t * group.scale[slots].view(-1, 1, 1)
-    return _add(y, t, group.B[slots], x, 1.0 if scale is None else scale)
+    if type(scale) is not float:
+        t = t * _row_scales(group, slots, scale).view(-1, 1, 1)
+    return _add(y, t, group.B[slots], x, scale if type(scale) is float else 1.0)
 
 
 def _add(y: torch.Tensor | None, t: torch.Tensor, B: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

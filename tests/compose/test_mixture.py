@@ -137,8 +137,14 @@ def test_bad_input(llama_dir, gpt2_dir, experts, tokens):
         lorakit.merge(model)
     with pytest.raises(ConfigError, match="save_mixture"):
         lorakit.save_adapter(model, "/tmp/never", adapter="mixture")
-    with pytest.raises(MixedBatchError, match="routes each token"):
-        model(tokens, adapter_names=["mixture", None])
+    with pytest.raises(MixedBatchError, match="routes each token"):  # no slots of its own ...
+        model.model.layers[0].self_attn.q_proj.adapters["mixture"].row_factors(None)
+    with torch.no_grad():  # ... so per-row batches run its rows through its own output (tests/test_rows_mix.py)
+        rows = model(tokens[:1].expand(2, -1), adapter_names=["mixture", None]).logits
+        mixed = model(tokens[:1]).logits
+        with lorakit.disabled(model):
+            base = model(tokens[:1]).logits
+    torch.testing.assert_close(rows, torch.cat([mixed, base]), atol=ATOL, rtol=0)
 
 
 def test_lorakit_train_mixture_trains_routers_and_resumes(lm_dir, tmp_path, tokens):

@@ -242,3 +242,28 @@ def test_batched_and_chunked_prefill_compute_what_rows_compute_alone(model):
     batched, chunked = results["batched_stats"], results["chunked_stats"]
     assert batched.prefill_rows / batched.prefills > 2  # several prompts per forward
     assert chunked.prefill_forwards > chunked.prefills  # long prompts took several chunks
+
+
+def test_a_mix_pins_each_adapter_and_equals_the_weighted_active_adapters(model):
+    """A row running ((a, 0.6), (b, -0.4)) beside single-adapter and base rows gives the tokens that the adapters
+    active with those weights give; the engine pins each adapter of the mix (all or none) and releases them."""
+    engine = Engine(model, CharTokenizer(), Pins(broken={"c"}), max_batch=3, max_queue=12, eos_token_ids=set()).start()
+    mix, greedy = (("a", 0.6), ("b", -0.4)), SamplingParams(max_tokens=8, temperature=0)
+    try:
+        results = run(engine, [([3, 4, 5], mix, greedy), ([7, 8], "a", greedy), ([3, 4, 5], None, greedy)])
+        broken = run(engine, [([3], (("a", 0.5), ("c", 0.5)), greedy)])[0]
+    finally:
+        engine.stop()
+    before = lorakit.active_adapters(model)
+    lorakit.set_active(model, list(mix))
+    try:
+        ids = [3, 4, 5]
+        with torch.no_grad():
+            for _ in range(8):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    finally:
+        lorakit.set_active(model, before)
+    assert results[0] == (ch(*ids[3:]), "length", 8)
+    assert results[0][0] not in (results[2][0], results[1][0])
+    assert broken[1:] == ("error", 0)  # "c is broken": the pin it took on a is given back
+    assert engine.adapters.pins == {"a": 0, "b": 0}

@@ -29,11 +29,21 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class MixPart(BaseModel):
+    """One adapter of a weighted mix in the `adapters` field's list form."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1)
+    weight: float = 1.0
+
+
 class _Request(BaseModel):
     # Unknown fields are ignored, as OpenAI's own clients send fields a server may not know (e.g. `user`).
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
+    # A weighted mix of adapters ({name: weight} or [{"name", "weight"}]); `model` then names the base (mixes.py).
+    adapters: dict[str, float] | list[MixPart] | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -184,6 +194,7 @@ def _union_message(field: str) -> str | None:
         "prompt": "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
         "stop": "stop must be a string or a list of at most 4 strings",
         "messages": "each message needs a role (system, user, assistant) and content as a string or a list of text parts",
+        "adapters": 'adapters must be {"name": weight, ...} or [{"name": ..., "weight": ...}, ...] with numbers as weights',
     }.get(field)
 
 

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from ..errors import IncompatibleAdapterError
 from ..io import read_adapter_config
+from . import mixes
 from .api_models import APIError
 from .engine import Engine
 from .store import AdapterStore
@@ -34,6 +35,25 @@ class ServerState:
             return model
         raise APIError(404, f"the model {model!r} does not exist; known models: {', '.join([self.base_name, *names])}",
                        param="model", code="model_not_found")
+
+    def choose(self, model: str, adapters=None, param: str = "model") -> mixes.Choice:
+        """What a request runs: the base (None), one adapter, or a weighted mix, from its `model` string (a name or
+        `name:w+name:w`) or its `adapters` field (then `model` must name the base)."""
+        names = self.adapters.names()
+        if adapters is not None:
+            if model != self.base_name:
+                raise APIError(400, f"with an adapters field, model must be the base model's name {self.base_name!r}, "
+                               f"got {model!r}; or write the mix in model instead ({mixes.SYNTAX})", param="model",
+                               code="invalid_mix")
+            choice = mixes.from_field(adapters, self.base_name, names)
+            param = "adapters"
+        else:
+            choice = mixes.parse_model(model, self.base_name, names, param)
+        limit = self.adapters.max_loaded
+        if isinstance(choice, tuple) and limit is not None and len(choice) > limit:
+            raise APIError(400, f"{param} mixes {len(choice)} adapters, but this server keeps at most {limit} loaded at "
+                           "once (--max-loaded); mix fewer", param=param, code="invalid_mix")
+        return choice
 
 
 def authorizer(state: ServerState):

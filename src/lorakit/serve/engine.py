@@ -3,9 +3,9 @@
 Waiting requests are prefilled together (prefill.py: one forward for several prompts, long ones in chunks
 between decode steps), then decoded together with whatever else is running. Rows keep their own keys/values
 inside one left-padded batch cache: an attention mask hides the padding and each row gets its own position
-ids, so a row computes what it would compute alone. Rows may use different adapters (per-row LoRA through
-`lorakit.adapter_rows`); an adapter that must be loaded first is pinned by a helper thread, so its load never
-holds up the running batch.
+ids, so a row computes what it would compute alone. Rows may use different adapters, or weighted mixes of them
+(per-row LoRA through `lorakit.adapter_rows`); an adapter that must be loaded first is pinned by a helper thread,
+so its load never holds up the running batch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from ..device import model_device
 from ..errors import ConfigError, LorakitError
 from .batch_cache import BatchCache
 from .lock import FairLock
-from .jobs import Event, Job, _Request
+from . import mixes
+from .jobs import Choice, Event, Job, _Request
 from .prefill import Prefill, take_group
 from .sampling import sample, token_logprob
 from .stats import EngineStats
@@ -40,7 +41,8 @@ class EngineStoppedError(LorakitError, RuntimeError):
 
 
 class AdapterSource(Protocol):
-    """What the engine needs from an adapter store: pin an adapter (loading it) while a row uses it."""
+    """What the engine needs from an adapter store: pin an adapter (loading it) while a row uses it (a row running
+    a mix pins each of its adapters)."""
 
     def acquire(self, name: str) -> str:  # returns the adapter's name on the model
         ...
@@ -149,13 +151,14 @@ class Engine:
             self._cv.notify_all()
         return handles
 
-    def _pin(self, name: str) -> Future:
-        """Acquire `name` on a helper thread (a load reads its files there, outside the model lock)."""
+    def _pin(self, choice: Choice) -> Future:
+        """Acquire the adapter (each adapter of a mix) on a helper thread (a load reads its files there, outside the
+        model lock)."""
         if self.adapters is None:
             future: Future = Future()
-            future.set_exception(ConfigError(f"adapter {name!r} requested, but the engine has no adapter source"))
+            future.set_exception(ConfigError(f"adapter {choice!r} requested, but the engine has no adapter source"))
             return future
-        future = self._pinner.submit(self.adapters.acquire, name)
+        future = self._pinner.submit(mixes.acquire, self.adapters, choice)
         future.add_done_callback(lambda _: self._wake())
         return future
 
@@ -276,7 +279,7 @@ class Engine:
         for i, req in enumerate(rows):
             self._accept(req, logits[i])
 
-    def _forward(self, ids, adapters: list[str | None], cache, **kwargs) -> torch.Tensor:
+    def _forward(self, ids, adapters: list[Choice], cache, **kwargs) -> torch.Tensor:
         from ..adapters import adapter_rows
 
         with adapter_rows(self.model, adapters):
@@ -338,11 +341,11 @@ class Engine:
         if req.adapter is None:
             return
         if req.model_adapter is not None:
-            self.adapters.release(req.adapter)
+            mixes.release(self.adapters, req.adapter)
             req.model_adapter = None
-        elif req.pinning is not None:  # still being pinned: give the pin back once it is taken
+        elif req.pinning is not None:  # still being pinned: give the pins back once they are taken
             pinning, req.pinning = req.pinning, None
-            pinning.add_done_callback(lambda f: f.exception() is None and self.adapters.release(req.adapter))
+            pinning.add_done_callback(lambda f: f.exception() is None and mixes.release(self.adapters, req.adapter))
 
     def _fail_all(self, message: str, reason: str = "error", waiting: bool = False) -> None:
         rows, self._rows = self._rows, []

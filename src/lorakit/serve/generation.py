@@ -1,5 +1,6 @@
-"""Running an HTTP request's generations: pin its adapter (loading it off the engine thread and off the event loop),
-submit the jobs, and receive the engine's events on the event loop. Shared by the OpenAI and the LoRAX/TGI routes."""
+"""Running an HTTP request's generations: pin its adapter, or each adapter of its mix (loading it off the engine
+thread and off the event loop), submit the jobs, and receive the engine's events on the event loop. Shared by the
+OpenAI and the LoRAX/TGI routes."""
 
 from __future__ import annotations
 
@@ -14,28 +15,39 @@ from ..errors import AdapterNotFoundError, LorakitError
 from .api_models import APIError
 from .context import ServerState
 from .engine import EngineStoppedError, Handle, QueueFullError
-from .jobs import Event, Job
+from . import mixes
+from .jobs import Choice, Event, Job
 from .store import AdapterStore, StoreFullError
 
 
-async def submit(state: ServerState, adapter: str | None, jobs: list[Job]) -> list[Handle]:
-    """Pin `adapter` once per job (loading it if needed) and queue the jobs; the engine releases each pin."""
+async def submit(state: ServerState, adapter: Choice, jobs: list[Job]) -> list[Handle]:
+    """Pin `adapter` (each adapter of a mix) once per job, loading it if needed, and queue the jobs; the engine
+    releases each pin."""
     pins: list[str] = []  # filled by pin() as it goes, so a request cancelled meanwhile gives back what it got
     try:
         if adapter is not None:
-            await run_in_threadpool(pin, state.adapters, adapter, len(jobs), pins)
+            model_names = await run_in_threadpool(pin_all, state.adapters, adapter, len(jobs), pins)
             for job in jobs:
-                job.pinned = pins[0]
+                job.pinned = mixes.on_model(adapter, model_names)
         return state.engine.submit_many(jobs)
     except BaseException as e:
-        for _ in pins:
-            state.adapters.release(adapter)
+        for model_name in pins:
+            state.adapters.release(model_name)
         if isinstance(e, QueueFullError):
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
         if isinstance(e, EngineStoppedError):
             raise APIError(503, str(e), type="server_error", code="server_unavailable") from None
         raise
+
+
+def pin_all(store: AdapterStore, choice: Choice, count: int, pins: list[str]) -> dict[str, str]:
+    """pin() for each adapter of `choice`; {store name: model name}."""
+    model_names = {}
+    for name in mixes.adapters_of(choice):
+        pin(store, name, count, pins)
+        model_names[name] = pins[-1]
+    return model_names
 
 
 def pin(store: AdapterStore, name: str, count: int, pins: list[str]) -> None:

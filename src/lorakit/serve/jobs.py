@@ -26,29 +26,33 @@ class Event:
     logprobs: list[float] | None = None  # theirs, when the request asked (SamplingParams.logprobs)
 
 
+# What a row runs: None (the base), an adapter's name, or a weighted mix ((name, weight), ...) (serve/mixes.py).
+Choice = str | tuple[tuple[str, float], ...] | None
+
+
 @dataclass
 class Job:
-    """One generation to run. `pinned`: the adapter's name on the model when the caller already holds a pin
-    on it (acquired from the adapter source; the engine releases it when the job ends)."""
+    """One generation to run. `pinned`: the adapter's name on the model (a mix: its adapters' names) when the
+    caller already holds a pin on each (acquired from the adapter source; the engine releases them when the job ends)."""
 
     prompt: list[int]
     params: SamplingParams
     on_event: Callable[[Event], None]
-    adapter: str | None = None  # name in the adapter source; None runs the base
-    pinned: str | None = None
+    adapter: Choice = None  # name(s) in the adapter source; None runs the base
+    pinned: Choice = None
 
 
 @dataclass
 class _Request:
     id: int
     prompt: list[int]
-    adapter: str | None
+    adapter: Choice
     params: SamplingParams
     on_event: Callable[[Event], None]
     stream: TextStream
     generator: torch.Generator
     cancelled: bool = False
-    model_adapter: str | None = None  # the adapter's name on the model while this request holds a pin
+    model_adapter: Choice = None  # the adapter's name (a mix: names) on the model while this request holds pins
     pinning: Future | None = None  # the pin a helper thread is taking (loading the adapter if needed)
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)

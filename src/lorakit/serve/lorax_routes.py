@@ -2,7 +2,8 @@
 `POST /generate`, `POST /generate_stream` and TGI's root `POST /` ({"inputs", "parameters", "stream"}).
 
 `parameters.adapter_id` names a registered adapter (or, with `adapter_source: "local"`, a directory under the
-adapter root, registered on first use); only local adapters are served. Outputs are the OpenAI routes' for
+adapter root, registered on first use) or a weighted mix of registered ones (`code:0.6+chat:0.4`); only local
+adapters are served. Outputs are the OpenAI routes' for
 the same prompt, adapter and sampling settings.
 """
 
@@ -21,6 +22,7 @@ from .api_models import APIError, parse
 from .context import ServerState
 from .generation import collect, encode_prompt, sink, submit
 from .jobs import Job
+from .mixes import Choice
 from .lorax_models import DEFAULT_MAX_NEW_TOKENS, GenerateRequest, Generation, Parameters, TGIError
 from .sampling import SamplingParams
 from .store import AdapterPathError
@@ -65,26 +67,27 @@ async def _handle(request: Request, state: ServerState, stream: bool | None, as_
     return [gen.response()] if as_list else gen.response()
 
 
-async def _resolve(state: ServerState, params: Parameters) -> str | None:
-    """The adapter `adapter_id` names (None: the base)."""
+async def _resolve(state: ServerState, params: Parameters) -> Choice:
+    """The adapter `adapter_id` names (None: the base), or the weighted mix it writes (`code:0.6+chat:0.4`)."""
     if params.adapter_source not in (None, "local"):
         raise APIError(400, f"adapter_source={params.adapter_source!r}: this server only serves local adapters (names "
                        "it has registered, or directories under its --adapter-root with adapter_source='local'); "
                        "download the adapter and register it", param="parameters.adapter_source")
     name = params.adapter_id
-    if not name or name == state.base_name:
+    if not name:
         return None
-    if name in state.adapters.names():
-        return name
-    if params.adapter_source == "local" and state.adapters.root is not None:
-        try:  # a directory under the root: registered on first use, under its path
-            await run_in_threadpool(state.adapters.register, name, name)
-        except AdapterPathError as e:
-            raise APIError(403, str(e), param="parameters.adapter_id") from None
-        except LorakitError as e:
-            raise APIError(400, f"not a valid adapter for this base: {e}", param="parameters.adapter_id") from None
-        return name
-    return state.resolve(name)  # the 404 listing the known names
+    try:
+        return state.choose(name, param="parameters.adapter_id")
+    except APIError as e:  # not a registered name, nor a mix of them
+        if e.status != 404 or params.adapter_source != "local" or state.adapters.root is None or "+" in name:
+            raise
+    try:  # a directory under the root: registered on first use, under its path
+        await run_in_threadpool(state.adapters.register, name, name)
+    except AdapterPathError as e:
+        raise APIError(403, str(e), param="parameters.adapter_id") from None
+    except LorakitError as e:
+        raise APIError(400, f"not a valid adapter for this base: {e}", param="parameters.adapter_id") from None
+    return name
 
 
 def _sampling(state: ServerState, params: Parameters, prompt: list[int], logprobs: bool) -> SamplingParams:

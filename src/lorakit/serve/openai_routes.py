@@ -14,6 +14,7 @@ from .api_models import MAX_CHOICES, APIError, ChatRequest, CompletionRequest, R
 from .context import ServerState
 from .generation import collect, encode_prompt, sink, submit
 from .jobs import Job
+from .mixes import Choice
 from .sampling import SamplingParams
 
 
@@ -24,14 +25,14 @@ def add_openai_routes(app: FastAPI, state: ServerState, auth: list) -> None:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
         body = parse(CompletionRequest, await request.body())
-        adapter = state.resolve(body.model)
+        adapter = state.choose(body.model, body.adapters)
         prompts = [encode_prompt(state, p) for p in body.prompts()]
         return await _generate(request, state, body, adapter, prompts, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         body = parse(ChatRequest, await request.body())
-        adapter = state.resolve(body.model)
+        adapter = state.choose(body.model, body.adapters)
         prompt = _encode_chat(state, body)
         return await _generate(request, state, body, adapter, [prompt], chat=True)
 
@@ -63,7 +64,7 @@ def _sampling(state: ServerState, body, prompt: list[int], seed: int | None) -> 
                           stop=body.stop or (), seed=seed)
 
 
-async def _generate(request: Request, state: ServerState, body, adapter: str | None, prompts: list[list[int]], chat: bool):
+async def _generate(request: Request, state: ServerState, body, adapter: Choice, prompts: list[list[int]], chat: bool):
     n = body.n
     if len(prompts) * n > MAX_CHOICES:
         raise APIError(400, f"{len(prompts)} prompts × n={n} is more than {MAX_CHOICES} choices per request", param="n")

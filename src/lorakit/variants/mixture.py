@@ -74,6 +74,7 @@ class MixtureAdapter(nn.Module):
 
     method = "mixture"
     low_rank_delta = False
+    per_row = False  # routes each token itself: per-row batches run its output() on its rows, no slots
 
     def __init__(self, in_features: int, experts: list[str], top_k: int | None, dtype, device):
         super().__init__()
@@ -164,8 +165,8 @@ class MixtureAdapter(nn.Module):
         return self.factors()
 
     def row_factors(self, layer):
-        raise MixedBatchError("a mixture routes each token itself; run it with set_active (its own batch), or serve it "
-                              "by name, which runs its rows through the mixture")
+        raise MixedBatchError("a mixture routes each token itself and has no per-row slots; per-row batches "
+                              "(adapter_rows) run its rows through its own output()")
 
     def row_column_scale(self, layer):
         return None
