@@ -464,8 +464,9 @@ def render(data: dict, images: dict[str, str]) -> str:
     if images.get("lora_vs_full"):
         out += [f"![LoRA vs full fine-tuning]({images['lora_vs_full']})", ""]
     out += ["## The write-ups' claims, checked", "", _table(["claim", "here", "measured"], claims_rows(data), numbers=False), ""]
-    out += ["## Per method", "", "The table the README shows; variant rows fill in when `lorakit train` accepts "
-            "their flags and the study is run again.", "",
+    out += _arithmetic_section()
+    out += ["## Per method", "", "The table the README shows: each variant at the demo's settings (VeRA and AdaLoRA "
+            "also at the learning rate their own tuning found; `bench/variants.py`).", "",
             _table(["method", "trainable params", "held-out exact match", STEP_HEADER, "peak memory", "state"],
                    [[r.label, _params(r), _score_cell(r), _step(r), _gib(r.mean("peak_memory_bytes")), r.status]
                     for r in rows_of(data, "method")]), ""]
@@ -518,6 +519,24 @@ def render(data: dict, images: dict[str, str]) -> str:
                 [name, e["task"], e["seed"], f"`{e['flags']}`" if e["flags"] else "(demo)", e["status"],
                  _pct(e.get("score")), e.get("commit") or "", _cell_note(e)] for name, e in cells.items()]), ""]
     return "\n".join(out)
+
+
+ARITHMETIC_DOC = Path(__file__).resolve().parents[1] / "docs" / "arithmetic.md"
+
+
+def _arithmetic_section() -> list[str]:
+    """The write-ups' figures that do not add up: the section of docs/arithmetic.md, which the planner's tests
+    (tests/test_plan.py) back, so both documents say the same thing."""
+    text = ARITHMETIC_DOC.read_text() if ARITHMETIC_DOC.exists() else ""
+    start = text.find("## Figures that do not add up")
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + 1)
+    body = text[start:end if end > 0 else len(text)].strip().split("\n")[1:]
+    return ["## The write-ups' figures that do not add up", "",
+            "Parameter counts computed by `lorakit plan` / `trainable_parameters` on meta-device models (no weights; "
+            "`tests/test_plan.py`); the whole check, with the memory claims, is in "
+            "[arithmetic.md](arithmetic.md).", *body, ""]
 
 
 def _rslora_note(data: dict) -> list[str]:
