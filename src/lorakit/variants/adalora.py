@@ -27,6 +27,8 @@ from ..layers import LayerType, LoraAdapter, adapter_dtype
 TRIPLET = ("lora_A", "lora_B", "lora_E")  # PEFT's names after the module path (no ".weight": they are parameters)
 # The allocator's moving averages per adapter: sensitivity Ī and uncertainty Ū of every entry of A, E and B.
 IMPORTANCE = ("ipt_A", "ipt_E", "ipt_B", "unc_A", "unc_E", "unc_B")
+# adapter_config.json keys PEFT's AdaLoraConfig adds to its LoraConfig's (read here, not by LoraConfig's reader).
+PEFT_ADALORA_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
 
 
 @dataclass
@@ -108,8 +110,9 @@ class AdaLoraConfig(LoraConfig):
         if d.get("peft_type") != "ADALORA":
             raise ConfigError(f"peft_type is {d.get('peft_type')!r}, not 'ADALORA'")
         # The fields AdaLoRA shares with LoRA are read by LoraConfig's reader; PEFT's AdaLoRA ignores use_rslora,
-        # alpha_pattern and init_lora_weights (its scale is always lora_alpha/init_r), and so do we.
-        shared = {**d, "peft_type": "LORA", "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False,
+        # alpha_pattern and init_lora_weights (its scale is always lora_alpha/init_r), and so do we. AdaLoRA's own
+        # keys are read below, so LoraConfig's reader does not see them (it warns about keys it does not know).
+        shared = {**{k: v for k, v in d.items() if k not in PEFT_ADALORA_KEYS}, "peft_type": "LORA", "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False,
                   "init_lora_weights": True}
         lora = LoraConfig.from_peft_dict(shared)
         fields = {k: getattr(lora, k) for k in lora.__dataclass_fields__ if k not in ("rank_pattern", "alpha_pattern")}
