@@ -344,3 +344,15 @@ def test_loading_a_peft_adalora_adapter_warns_about_no_key(llama, tmp_path, cli,
         AdaLoraConfig.from_peft_dict({**config, "future_key": 1})
         AdaLoraConfig.from_peft_dict({**config, "future_key": 1})
     assert len(caught) == 1
+
+
+def test_peft_spelling_delta_t_is_accepted():
+    config = ada(deltaT=4)  # as PEFT's AdaLoraConfig spells it
+    assert config.delta_t == 4 and config.deltaT == 4 and config.to_peft_dict()["deltaT"] == 4
+    assert config == ada(delta_t=4) and config.replace(target_r=2).delta_t == 4
+    assert AdaLoraConfig.from_peft_dict(config.to_peft_dict()) == config
+    assert ada(delta_t=4, deltaT=4) == config
+    with pytest.raises(ConfigError, match="delta_t=3 and deltaT=4"):
+        ada(delta_t=3, deltaT=4)
+    with pytest.raises(ConfigError, match="delta_t must be a positive integer"):
+        ada(deltaT=0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +33,8 @@ PEFT_ADALORA_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1",
 
 @dataclass
 class AdaLoraConfig(LoraConfig):
-    """AdaLoRA's settings, with PEFT's AdaLoraConfig names and meaning (`delta_t` is PEFT's `deltaT`).
+    """AdaLoRA's settings, with PEFT's AdaLoraConfig names and meaning (`delta_t` is PEFT's `deltaT`, which is
+    accepted too, so that `AdaLoraConfig(deltaT=10, ...)` copied from PEFT code works).
 
     Each layer starts at rank `init_r`; after `tinit` warm-up steps the total budget falls on a cubic schedule
     until step `total_step - tfinal`, where it reaches `target_r` per layer on average, and stays there.
@@ -52,8 +53,14 @@ class AdaLoraConfig(LoraConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
+    deltaT: InitVar[int | None] = None  # PEFT's spelling of delta_t (not a field: the config holds delta_t only)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, deltaT: int | None = None) -> None:
+        if deltaT is not None:
+            if self.delta_t not in (1, deltaT):  # 1: delta_t's default, i.e. not given
+                raise ConfigError(f"AdaLoraConfig got delta_t={self.delta_t!r} and deltaT={deltaT!r}, two spellings "
+                                  "of one setting (deltaT is PEFT's); give one of them")
+            self.delta_t = deltaT
         masks, self.rank_pattern = self.rank_pattern, {}  # LoraConfig checks integer ranks; ours are masks
         super().__post_init__()
         for name in ("init_r", "target_r", "total_step", "delta_t"):
@@ -120,6 +127,10 @@ class AdaLoraConfig(LoraConfig):
                    target_r=int(d.get("target_r", 8)), tinit=int(d.get("tinit", 0)), tfinal=int(d.get("tfinal", 0)),
                    delta_t=int(d.get("deltaT", 1)), beta1=float(d.get("beta1", 0.85)), beta2=float(d.get("beta2", 0.85)),
                    orth_reg_weight=float(d.get("orth_reg_weight", 0.5)), total_step=d.get("total_step"))
+
+
+# Read back under PEFT's name too (the class attribute the InitVar's default left would always say None).
+AdaLoraConfig.deltaT = property(lambda self: self.delta_t, doc="PEFT's name for delta_t")
 
 
 def _pattern_key(key: str) -> str:
