@@ -14,6 +14,7 @@ from torch import nn
 from . import quant
 from .adapters import apply_active, is_merged, require, uninstall_adapter_names
 from .errors import MergeStateError
+from .hf import to_dtype
 from .layers import ActiveAdapter
 from .state import drop_state, get_state, lora_layers, replace_module, save_wrappers
 
@@ -90,15 +91,17 @@ def unload(model: nn.Module) -> nn.Module:
     return _strip(model, keep_copies=False)
 
 
-def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.dtype | None = None,
+def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.dtype | str | None = None,
                      requantize: bool = False) -> nn.Module:
     """Merge (the active adapters, or `adapter`) and return a plain model that `save_pretrained` writes as usual.
 
     On a quantised base the result is a full-precision model in `dtype` (default: the base's compute dtype): each
     weight is the dequantised base plus the adapter's update, so it computes what the unmerged QLoRA model
     computed. `requantize=True` merges into the quantised weights instead (a smaller model that loses part of the
-    update to rounding) and prints each layer's error.
+    update to rounding) and prints each layer's error. On a plain base, `dtype` (if given) casts the merged model.
+    `dtype` is a torch dtype or its name, as `load_base_model` takes it ("fp32", "bf16", "fp16", "float32", ...).
     """
+    dtype = to_dtype(dtype)  # checked before anything changes
     if quant.is_quantized(model) and not requantize:
         dtype = dtype or quant.compute_dtype(model)
         if is_merged(model):  # merged into 4 bits: start again from the exact original weights (still active)
@@ -109,7 +112,8 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.
         errors = _merge(model, adapter)
         if requantize and errors:
             _print_requantization_errors(errors)
-    return _strip(model, keep_copies=True)
+    plain = _strip(model, keep_copies=True)
+    return plain if dtype is None or requantize else plain.to(dtype)
 
 
 def _print_requantization_errors(errors: dict[str, tuple[float, float]]) -> None:

@@ -138,14 +138,15 @@ def test_peft_loads_our_qlora_adapter_with_equal_logits(llama_dir, tmp_path, tok
         torch.testing.assert_close(reloaded(tokens).logits, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("dtype, atol", [(None, 1e-5), (torch.bfloat16, 0.05)])
+@pytest.mark.parametrize("dtype, atol", [(None, 1e-5), (torch.bfloat16, 0.05), ("bf16", 0.05)])
 def test_merge_and_unload_gives_a_full_precision_model_equal_to_the_unmerged_one(llama_dir, tokens, dtype, atol):
     model = qlora(llama_dir)
     with torch.no_grad():
         expected = model(tokens).logits
-    plain = lorakit.merge_and_unload(model, dtype=dtype)
+    plain = lorakit.merge_and_unload(model, dtype=dtype)  # a dtype by name too, as load_base_model takes it
     down = plain.model.layers[1].mlp.down_proj
-    assert type(down) is nn.Linear and down.weight.dtype == (dtype or torch.float32) == plain.dtype
+    want = torch.bfloat16 if dtype == "bf16" else dtype or torch.float32
+    assert type(down) is nn.Linear and down.weight.dtype == want == plain.dtype
     assert not lorakit.quant.is_quantized(plain) and not getattr(plain, "is_loaded_in_4bit", False)
     assert getattr(plain.config, "quantization_config", None) is None  # save_pretrained writes a plain model
     with torch.no_grad():
