@@ -28,17 +28,23 @@ def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """
     errors = _merge(model, adapter)
     if errors:
-        name, (delta, err) = max(errors.items(), key=lambda kv: kv[1][1] / max(kv[1][0], 1e-30))
-        warnings.warn(f"merging into quantised weights re-quantises them: the rounding changes up to "
-                      f"{100 * err / max(delta, 1e-30):.0f}% of the adapter's update ({name}); unmerge() restores the "
+        shares = {n: share for n, e in errors.items() if (share := _share_of_update(*e)) is not None}
+        if shares:
+            name, share = max(shares.items(), key=lambda kv: kv[1])
+            loss = f"the rounding changes up to {100 * share:.0f}% of the adapter's update ({name})"
+        else:  # a zero adapter (B = 0): a share of nothing says nothing, so say how far the weights moved
+            name, (_, err, _) = max(errors.items(), key=lambda kv: kv[1][1])
+            loss = (f"the adapter's update is zero, and the rounding changes the weights by up to |error| = {err:.3g} "
+                    f"({name})")
+        warnings.warn(f"merging into quantised weights re-quantises them: {loss}; unmerge() restores the "
                       "original weights exactly, and merge_and_unload() returns an unrounded full-precision model",
                       stacklevel=2)
     return model
 
 
 @torch.no_grad()
-def _merge(model: nn.Module, adapter: str | None) -> dict[str, tuple[float, float]]:
-    """merge(); returns, for each re-quantised layer, (‖ΔW‖, ‖what is stored − (W + ΔW)‖)."""
+def _merge(model: nn.Module, adapter: str | None) -> dict[str, tuple[float, float, float]]:
+    """merge(); returns, for each re-quantised layer, (‖ΔW‖, ‖what is stored − (W + ΔW)‖, ‖W + ΔW‖)."""
     state = get_state(model)
     if adapter is not None:
         require(model, adapter)
@@ -67,7 +73,8 @@ def _merge(model: nn.Module, adapter: str | None) -> dict[str, tuple[float, floa
             total = layer.adapters[a.name].merge_into(layer, total, a.weight)
         ltype.write_weight(base, total)
         if ltype.quantized:
-            errors[name] = (float((total - start).norm()), float((ltype.dense_weight(base) - total).norm()))
+            errors[name] = (float((total - start).norm()), float((ltype.dense_weight(base) - total).norm()),
+                            float(total.norm()))
             layer.merged = []
         layer.merged.extend(todo)
     return errors
@@ -116,10 +123,21 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.
     return plain if dtype is None or requantize else plain.to(dtype)
 
 
-def _print_requantization_errors(errors: dict[str, tuple[float, float]]) -> None:
+def _print_requantization_errors(errors: dict[str, tuple[float, float, float]]) -> None:
     print(f"{'layer (merged, then re-quantised)':<60} {'|dW|':>10} {'|error|':>10} {'error/|dW|':>10}")
-    for name, (delta, err) in errors.items():
-        print(f"{name:<60} {delta:>10.4g} {err:>10.4g} {err / max(delta, 1e-30):>10.1%}")
+    for name, (delta, err, weight) in errors.items():
+        share = _share_of_update(delta, err, weight)
+        print(f"{name:<60} {delta:>10.4g} {err:>10.4g} {'(|dW|=0)' if share is None else f'{share:.1%}':>10}")
+
+
+# Below this fraction of the weight's norm an update is rounding noise in fp32 (about 7 significant digits).
+_NEGLIGIBLE_UPDATE = 1e-6
+
+
+def _share_of_update(delta: float, err: float, weight: float) -> float | None:
+    """The re-quantisation error as a fraction of the adapter's update ‖ΔW‖, or None when ‖ΔW‖ is about zero next
+    to the weight (a zero adapter): then only the absolute error means something."""
+    return None if delta <= _NEGLIGIBLE_UPDATE * weight else err / delta
 
 
 def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:

@@ -305,3 +305,24 @@ def test_one_adapter_per_row_on_a_4bit_base_equals_each_adapter_alone(llama_dir,
             torch.testing.assert_close(mixed[row], model(ids[:1]).logits[0], atol=1e-5, rtol=0)
         with lorakit.disabled(model):
             torch.testing.assert_close(mixed[2], model(ids[:1]).logits[0], atol=1e-6, rtol=0)
+
+
+def test_merging_a_zero_adapter_into_4_bits_reports_the_absolute_error_not_a_percentage(llama_dir, capsys):
+    model = load(llama_dir)
+    lorakit.inject(model, LoraConfig(r=4, target_modules="all-linear"))  # B = 0: ΔW = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lorakit.merge(model)
+    [message] = [str(w.message) for w in caught if "re-quantises" in str(w.message)]
+    assert "the adapter's update is zero" in message and "|error| = " in message and "%" not in message
+    lorakit.unmerge(model)
+    lorakit.merge_and_unload(model, requantize=True)
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(rows) == 14 and all(row.endswith("(|dW|=0)") and "%" not in row for row in rows)
+    assert all(float(row.split()[1]) == 0 and float(row.split()[2]) > 0 for row in rows)  # ΔW = 0; the rounding's error
+
+
+def test_a_nonzero_adapter_still_gets_its_share_of_the_update(llama_dir):
+    model = qlora(llama_dir)
+    with pytest.warns(UserWarning, match=r"the rounding changes up to \d+% of the adapter's update"):
+        lorakit.merge(model)
