@@ -61,7 +61,8 @@ def add_parser(sub) -> None:
                    "or 8-bit through bitsandbytes; turns gradient checkpointing on")
     p.add_argument("--init", help="how A and B start: kaiming (default; B = 0), gaussian, pissa, pissa_niter_N (randomised "
                    "SVD), olora (pissa/olora start from the base's principal directions, the base keeps the residual), "
-                   "loftq (fitted to the quantised base's rounding error; needs --quantize)")
+                   "loftq (fitted to the quantised base's rounding error; needs --quantize). --method dora: kaiming or "
+                   "gaussian; adalora, vera: kaiming only")
     p.add_argument("--batch-size", "--per-device-train-batch-size", dest="batch_size", type=int,
                    help=f"rows per micro-batch per process (default {d.batch_size})")
     p.add_argument("--grad-accum", "--gradient-accumulation-steps", dest="grad_accum", type=int,
