@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..device import add_device_argument
+from ..device import add_device_argument, add_threads_argument
 from ..errors import ConfigError
 from ..hf import BUILTIN
 from .config import LORA_ONLY, METHOD_DEFAULTS, METHODS, TrainConfig, full_refusal, read_config_file, resolve
@@ -88,8 +88,8 @@ def add_parser(sub) -> None:
                    help="train on the good rows when some are malformed (default: stop and list them)")
     p.add_argument("--eval-fraction", type=float)
     p.add_argument("--max-eval", type=int)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores; 1 is faster when other "
-                   "jobs share the cores, since a multi-threaded op waits for its slowest thread)")
+    add_threads_argument(p, "torch CPU threads (default: all cores; 1 is faster when other jobs share the cores, "
+                            "since a multi-threaded op waits for its slowest thread)")
     p.add_argument("--compare-base", action="store_true", default=None, help="also evaluate the base model first")
     p.set_defaults(func=run)
 
