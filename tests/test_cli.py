@@ -118,6 +118,24 @@ def test_generate_with_only_the_base(cli, lm_dir):
     assert code == 0 and out.startswith("--- [base] 'ab'\n")
 
 
+def test_generate_threads_sets_torch_threads_and_help_describes_it(cli, lm_dir):
+    code, out, _ = cli("generate", "--help")
+    assert code == 0 and "Generate text from a base model with an adapter" in out
+    assert "--threads N" in out and "torch CPU threads for loading and generating" in out
+    before = torch.get_num_threads()
+    try:
+        code, out, _ = cli("generate", "--base", lm_dir, "--prompt", "ab", "--max-new-tokens", "2", "--threads", "2")
+        assert code == 0 and out.startswith("--- [base] 'ab'\n") and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "-1", "two"):  # argparse says so (torch.set_num_threads would raise a traceback)
+        code, _, err = cli("generate", "--base", lm_dir, "--prompt", "ab", "--threads", bad)
+        assert code == 2 and f"--threads: must be a positive number of CPU threads, got '{bad}'" in err
+        code, _, err = cli("train", "--threads", bad)
+        assert code == 2 and "--threads: must be a positive number" in err
+    assert torch.get_num_threads() == before
+
+
 def test_demo_fails_when_the_round_trip_does(cli):
     code, out, _ = cli("demo", "--steps", "0")  # nothing trained: the adapted loss cannot be lower
     assert code == 1 and "MISMATCH" in out

@@ -100,3 +100,27 @@ def test_merge_and_unload_keeps_trained_head(bert, tokens):
     plain = lorakit.merge_and_unload(bert)
     assert type(plain.classifier).__name__ == "Linear"
     torch.testing.assert_close(logits(plain, tokens), adapted, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                             ("fp16", torch.float16), ("float32", torch.float32),
+                                             (torch.bfloat16, torch.bfloat16)])
+def test_merge_and_unload_takes_a_dtype_by_name_as_load_base_model_does(llama, tokens, dtype, expected):
+    lorakit.inject(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomise_lora(llama, std=0.05)
+    adapted = logits(llama, tokens)
+    plain = lorakit.merge_and_unload(llama, dtype=dtype)
+    assert not list(lora_layers(plain)) and plain.model.layers[0].self_attn.q_proj.weight.dtype == expected
+    assert all(p.dtype == expected for p in plain.parameters())
+    assert (logits(plain, tokens).float() - adapted).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("dtype", ["int4", "cuda", torch.int8, 16])
+def test_merge_and_unload_refuses_an_unknown_dtype_before_changing_anything(llama, dtype):
+    from lorakit.errors import ConfigError
+
+    lorakit.inject(llama, LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match=r"dtype .* is not one of 'fp32', 'float32', 'bf16', 'bfloat16', 'fp16', "
+                                          r"'float16'"):
+        lorakit.merge_and_unload(llama, dtype=dtype)
+    assert len(list(lora_layers(llama))) == 2 and not lorakit.is_merged(llama)

@@ -219,3 +219,16 @@ def test_replan_equals_a_fresh_plan_without_building_the_model_again(llama_dir):
         assert (again.batch, again.seq, again.optim) == (fresh.batch, fresh.seq, fresh.optim)
     assert first.batch == 2 and first.methods == lorakit.plan_memory(llama_dir, rank=4, targets="all-linear", batch=2,
                                                                      seq=32, serve_adapters=0).methods  # unchanged
+
+
+def test_builtin_names_the_built_in_model_as_in_recommend_and_train(builtin_cache, lm_dir, cli):
+    """`--model builtin` reads the built-in model's config from its cache directory (converted there once, here a
+    stand-in already in place), as `lorakit recommend --model builtin` and `train --base builtin` do."""
+    builtin, direct = (lorakit.plan_memory(m, serve_adapters=0) for m in ("builtin", lm_dir))
+    assert builtin.base == direct.base and builtin.adapter == direct.adapter and builtin.methods == direct.methods
+    code, out, err = cli("plan", "--model", "builtin", "--targets", "q_proj", "v_proj")
+    assert code == 0 and "trainable params:" in out and err == ""
+    _, expected, _ = cli("plan", "--model", lm_dir, "--targets", "q_proj", "v_proj")
+    assert out == expected
+    code, out, _ = cli("plan", "--help")
+    assert code == 0 and "builtin" in out

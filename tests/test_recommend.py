@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +21,7 @@ from lorakit.train.cli import config_from_args
 
 from .conftest import llama_config, load
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEMO = {"method": "lora", "rank": 8, "alpha": 16, "targets": SEVEN, "layers_to_transform": [1], "lr": 1e-3,
         "schedule": "linear", "warmup_steps": 5, "batch_size": 16, "grad_accum": 1, "max_steps": 60, "dropout": 0.0}
@@ -231,3 +233,18 @@ def test_export_reads_the_studys_results_directory(tmp_path):
     study = Study({"cells": out})
     _, [point] = study.table("causal-lm", "rank")
     assert point.text() == "0.750 exact match (a)"
+
+
+def test_the_starting_lora_config_is_rec_config_as_documented(llama_dir):
+    from lorakit import LoraConfig
+
+    rec = recommend_config(llama_dir, examples=2000, memory_gb=8, device="cpu", study=synthetic_study())
+    assert isinstance(rec.config, LoraConfig) and rec.config is rec.lora
+    assert rec.config.r == rec.train_config()["rank"] and rec.config.alpha == rec.train_config()["alpha"]
+    model = load(llama_dir)
+    lorakit.inject(model, rec.config, strict=True)
+    assert lorakit.trainable_parameters(model, verbose=False).trainable > 0
+    full = recommend_config(llama_dir, examples=2000, memory_gb=8, device="cpu", study=synthetic_study(full_score=0.99))
+    assert full.config is None  # full fine-tuning: no adapter
+    assert "`.config`" in recommend_config.__doc__ and "rec.config" in README.read_text()
+

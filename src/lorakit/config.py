@@ -80,6 +80,11 @@ class LoraConfig:
         if self.init not in INIT_MODES and not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
             raise ConfigError(f"init must be one of {INIT_MODES} or 'pissa_niter_N' (N ≥ 1), got {self.init!r}")
         _check_positive_int("loftq_iter", self.loftq_iter)
+        if self.use_dora and self.init not in ("kaiming", "gaussian"):
+            # DoRA's magnitude starts at the norms of the base as loaded; pissa/olora (a residual base) and loftq
+            # (a fitted B) would have to come first, which lorakit's DoRA does not do (it would ignore them)
+            raise ConfigError(f"init={self.init!r} does not combine with use_dora=True in lorakit; DoRA supports init "
+                              "'kaiming' or 'gaussian'")
         self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
         normalise_shared_fields(self)
         if not _QUIET.get():

@@ -113,6 +113,23 @@ def add_device_argument(parser, default: str | None = "auto") -> None:
                              f"${ENV} overrides what auto picks), cpu, cuda (the current GPU) or cuda:N")
 
 
+def add_threads_argument(parser, help: str) -> None:
+    """`--threads N` (a positive integer, checked by argparse: torch.set_num_threads would raise a traceback)."""
+    parser.add_argument("--threads", type=_positive_threads, default=None, metavar="N", help=help)
+
+
+def _positive_threads(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of CPU threads, got {text!r}")
+    return value
+
+
 def _gpu_names(count: int) -> str:
     names = []
     for i in range(count):

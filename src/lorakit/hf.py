@@ -83,7 +83,7 @@ def load_base_model(path: str | os.PathLike, task_type: str | None = "CAUSAL_LM"
 
     path = check_model_dir(path)
     auto = getattr(transformers, _TASK_TO_AUTO.get(task_type or "", "AutoModel"))
-    dtype, compute_dtype = _dtype(dtype), _dtype(compute_dtype)
+    dtype, compute_dtype = to_dtype(dtype), to_dtype(compute_dtype)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if quantize is not None:
@@ -97,12 +97,15 @@ def load_base_model(path: str | os.PathLike, task_type: str | None = "CAUSAL_LM"
     return model
 
 
-def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if not isinstance(value, str):
+def to_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating-point torch dtype from one (or None), or from its name: "fp32"/"float32", "bf16"/"bfloat16",
+    "fp16"/"float16" (also "torch.bfloat16"); anything else is a ConfigError listing these."""
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
         return value
-    if value not in DTYPES:
-        raise ConfigError(f"dtype {value!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[value]
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return DTYPES[value.removeprefix("torch.")]
+    raise ConfigError(f"dtype {value!r} is not one of {', '.join(repr(k) for k in DTYPES)} or a floating-point "
+                      "torch.dtype (e.g. torch.bfloat16)")
 
 
 def _quantization_kwargs(path: Path, quantize: str, compute_dtype: torch.dtype, double_quant: bool,

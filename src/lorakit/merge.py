@@ -14,6 +14,7 @@ from torch import nn
 from . import quant
 from .adapters import apply_active, is_merged, require, uninstall_adapter_names
 from .errors import MergeStateError
+from .hf import to_dtype
 from .layers import ActiveAdapter
 from .state import drop_state, get_state, lora_layers, replace_module, save_wrappers
 
@@ -27,17 +28,23 @@ def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """
     errors = _merge(model, adapter)
     if errors:
-        name, (delta, err) = max(errors.items(), key=lambda kv: kv[1][1] / max(kv[1][0], 1e-30))
-        warnings.warn(f"merging into quantised weights re-quantises them: the rounding changes up to "
-                      f"{100 * err / max(delta, 1e-30):.0f}% of the adapter's update ({name}); unmerge() restores the "
+        shares = {n: share for n, e in errors.items() if (share := _share_of_update(*e)) is not None}
+        if shares:
+            name, share = max(shares.items(), key=lambda kv: kv[1])
+            loss = f"the rounding changes up to {100 * share:.0f}% of the adapter's update ({name})"
+        else:  # a zero adapter (B = 0): a share of nothing says nothing, so say how far the weights moved
+            name, (_, err, _) = max(errors.items(), key=lambda kv: kv[1][1])
+            loss = (f"the adapter's update is zero, and the rounding changes the weights by up to |error| = {err:.3g} "
+                    f"({name})")
+        warnings.warn(f"merging into quantised weights re-quantises them: {loss}; unmerge() restores the "
                       "original weights exactly, and merge_and_unload() returns an unrounded full-precision model",
                       stacklevel=2)
     return model
 
 
 @torch.no_grad()
-def _merge(model: nn.Module, adapter: str | None) -> dict[str, tuple[float, float]]:
-    """merge(); returns, for each re-quantised layer, (‖ΔW‖, ‖what is stored − (W + ΔW)‖)."""
+def _merge(model: nn.Module, adapter: str | None) -> dict[str, tuple[float, float, float]]:
+    """merge(); returns, for each re-quantised layer, (‖ΔW‖, ‖what is stored − (W + ΔW)‖, ‖W + ΔW‖)."""
     state = get_state(model)
     if adapter is not None:
         require(model, adapter)
@@ -66,7 +73,8 @@ def _merge(model: nn.Module, adapter: str | None) -> dict[str, tuple[float, floa
             total = layer.adapters[a.name].merge_into(layer, total, a.weight)
         ltype.write_weight(base, total)
         if ltype.quantized:
-            errors[name] = (float((total - start).norm()), float((ltype.dense_weight(base) - total).norm()))
+            errors[name] = (float((total - start).norm()), float((ltype.dense_weight(base) - total).norm()),
+                            float(total.norm()))
             layer.merged = []
         layer.merged.extend(todo)
     return errors
@@ -90,15 +98,17 @@ def unload(model: nn.Module) -> nn.Module:
     return _strip(model, keep_copies=False)
 
 
-def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.dtype | None = None,
+def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.dtype | str | None = None,
                      requantize: bool = False) -> nn.Module:
     """Merge (the active adapters, or `adapter`) and return a plain model that `save_pretrained` writes as usual.
 
     On a quantised base the result is a full-precision model in `dtype` (default: the base's compute dtype): each
     weight is the dequantised base plus the adapter's update, so it computes what the unmerged QLoRA model
     computed. `requantize=True` merges into the quantised weights instead (a smaller model that loses part of the
-    update to rounding) and prints each layer's error.
+    update to rounding) and prints each layer's error. On a plain base, `dtype` (if given) casts the merged model.
+    `dtype` is a torch dtype or its name, as `load_base_model` takes it ("fp32", "bf16", "fp16", "float32", ...).
     """
+    dtype = to_dtype(dtype)  # checked before anything changes
     if quant.is_quantized(model) and not requantize:
         dtype = dtype or quant.compute_dtype(model)
         if is_merged(model):  # merged into 4 bits: start again from the exact original weights (still active)
@@ -109,13 +119,25 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.
         errors = _merge(model, adapter)
         if requantize and errors:
             _print_requantization_errors(errors)
-    return _strip(model, keep_copies=True)
+    plain = _strip(model, keep_copies=True)
+    return plain if dtype is None or requantize else plain.to(dtype)
 
 
-def _print_requantization_errors(errors: dict[str, tuple[float, float]]) -> None:
+def _print_requantization_errors(errors: dict[str, tuple[float, float, float]]) -> None:
     print(f"{'layer (merged, then re-quantised)':<60} {'|dW|':>10} {'|error|':>10} {'error/|dW|':>10}")
-    for name, (delta, err) in errors.items():
-        print(f"{name:<60} {delta:>10.4g} {err:>10.4g} {err / max(delta, 1e-30):>10.1%}")
+    for name, (delta, err, weight) in errors.items():
+        share = _share_of_update(delta, err, weight)
+        print(f"{name:<60} {delta:>10.4g} {err:>10.4g} {'(|dW|=0)' if share is None else f'{share:.1%}':>10}")
+
+
+# Below this fraction of the weight's norm an update is rounding noise in fp32 (about 7 significant digits).
+_NEGLIGIBLE_UPDATE = 1e-6
+
+
+def _share_of_update(delta: float, err: float, weight: float) -> float | None:
+    """The re-quantisation error as a fraction of the adapter's update ‖ΔW‖, or None when ‖ΔW‖ is about zero next
+    to the weight (a zero adapter): then only the absolute error means something."""
+    return None if delta <= _NEGLIGIBLE_UPDATE * weight else err / delta
 
 
 def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:

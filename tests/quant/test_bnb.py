@@ -138,14 +138,15 @@ def test_peft_loads_our_qlora_adapter_with_equal_logits(llama_dir, tmp_path, tok
         torch.testing.assert_close(reloaded(tokens).logits, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("dtype, atol", [(None, 1e-5), (torch.bfloat16, 0.05)])
+@pytest.mark.parametrize("dtype, atol", [(None, 1e-5), (torch.bfloat16, 0.05), ("bf16", 0.05)])
 def test_merge_and_unload_gives_a_full_precision_model_equal_to_the_unmerged_one(llama_dir, tokens, dtype, atol):
     model = qlora(llama_dir)
     with torch.no_grad():
         expected = model(tokens).logits
-    plain = lorakit.merge_and_unload(model, dtype=dtype)
+    plain = lorakit.merge_and_unload(model, dtype=dtype)  # a dtype by name too, as load_base_model takes it
     down = plain.model.layers[1].mlp.down_proj
-    assert type(down) is nn.Linear and down.weight.dtype == (dtype or torch.float32) == plain.dtype
+    want = torch.bfloat16 if dtype == "bf16" else dtype or torch.float32
+    assert type(down) is nn.Linear and down.weight.dtype == want == plain.dtype
     assert not lorakit.quant.is_quantized(plain) and not getattr(plain, "is_loaded_in_4bit", False)
     assert getattr(plain.config, "quantization_config", None) is None  # save_pretrained writes a plain model
     with torch.no_grad():
@@ -304,3 +305,24 @@ def test_one_adapter_per_row_on_a_4bit_base_equals_each_adapter_alone(llama_dir,
             torch.testing.assert_close(mixed[row], model(ids[:1]).logits[0], atol=1e-5, rtol=0)
         with lorakit.disabled(model):
             torch.testing.assert_close(mixed[2], model(ids[:1]).logits[0], atol=1e-6, rtol=0)
+
+
+def test_merging_a_zero_adapter_into_4_bits_reports_the_absolute_error_not_a_percentage(llama_dir, capsys):
+    model = load(llama_dir)
+    lorakit.inject(model, LoraConfig(r=4, target_modules="all-linear"))  # B = 0: ΔW = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lorakit.merge(model)
+    [message] = [str(w.message) for w in caught if "re-quantises" in str(w.message)]
+    assert "the adapter's update is zero" in message and "|error| = " in message and "%" not in message
+    lorakit.unmerge(model)
+    lorakit.merge_and_unload(model, requantize=True)
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(rows) == 14 and all(row.endswith("(|dW|=0)") and "%" not in row for row in rows)
+    assert all(float(row.split()[1]) == 0 and float(row.split()[2]) > 0 for row in rows)  # ΔW = 0; the rounding's error
+
+
+def test_a_nonzero_adapter_still_gets_its_share_of_the_update(llama_dir):
+    model = qlora(llama_dir)
+    with pytest.warns(UserWarning, match=r"the rounding changes up to \d+% of the adapter's update"):
+        lorakit.merge(model)

@@ -126,3 +126,23 @@ def test_builtin_is_the_default_base_and_train_help_names_its_directory(cli, let
     assert code == 0 and out.strip().splitlines()[-1] == f"base model: {builtin_cache} (--base builtin)"
     code, out, _ = cli("train", "--base", "builtin", "--data", letters, "--out", tmp_path / "run2", *STEPS)
     assert code == 0 and out.strip().splitlines()[-1] == f"base model: {builtin_cache} (--base builtin)"
+
+
+@pytest.mark.parametrize("method, init, allowed", [("vera", "pissa", "kaiming"), ("adalora", "olora", "kaiming"),
+                                                   ("dora", "pissa_niter_4", "kaiming | gaussian"),
+                                                   ("dora", "loftq", "kaiming | gaussian")])
+def test_an_init_the_method_does_not_support_is_an_error(cli, lm_dir, letters, tmp_path, method, init, allowed):
+    code, _, err = train(cli, lm_dir, letters, tmp_path / "run", "--method", method, "--init", init)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--init {init} does not apply to --method {method}, which supports --init {allowed}" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_dora_refuses_the_inits_it_would_ignore_in_the_library_too():
+    from lorakit import LoraConfig
+    from lorakit.errors import ConfigError
+
+    for init in ("pissa", "olora", "pissa_niter_2", "loftq"):
+        with pytest.raises(ConfigError, match=f"init='{init}' does not combine with use_dora=True"):
+            LoraConfig(use_dora=True, init=init)
+    assert LoraConfig(use_dora=True, init="gaussian").method == "dora"

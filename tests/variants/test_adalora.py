@@ -324,3 +324,35 @@ def test_conv2d_matches_peft_and_merges(tmp_path):
         torch.testing.assert_close(peft_model(x), expected, atol=ATOL, rtol=0)
         lorakit.merge(net)
         torch.testing.assert_close(net(x), expected, atol=ATOL, rtol=0)
+
+
+def test_loading_a_peft_adalora_adapter_warns_about_no_key(llama, tmp_path, cli, monkeypatch):
+    """AdaLoRA's own keys (init_r, deltaT, ...) are known; a key nobody knows is still warned about, once."""
+    from peft import get_peft_model
+
+    monkeypatch.setattr("lorakit.config._WARNED", set())  # keys warned about by earlier tests would hide a warning
+    get_peft_model(copy.deepcopy(llama), peft_ada()).save_pretrained(tmp_path / "peft")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lorakit.load_adapter(llama, tmp_path / "peft")
+        code, out, err = cli("inspect", tmp_path / "peft")
+    assert code == 0 and "adalora" in out.lower()
+    assert [str(w.message) for w in caught] == [] and "warn" not in err.lower()
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "future_key": 1}))
+    with pytest.warns(UserWarning, match="does not know, 'future_key'") as caught:
+        AdaLoraConfig.from_peft_dict({**config, "future_key": 1})
+        AdaLoraConfig.from_peft_dict({**config, "future_key": 1})
+    assert len(caught) == 1
+
+
+def test_peft_spelling_delta_t_is_accepted():
+    config = ada(deltaT=4)  # as PEFT's AdaLoraConfig spells it
+    assert config.delta_t == 4 and config.deltaT == 4 and config.to_peft_dict()["deltaT"] == 4
+    assert config == ada(delta_t=4) and config.replace(target_r=2).delta_t == 4
+    assert AdaLoraConfig.from_peft_dict(config.to_peft_dict()) == config
+    assert ada(delta_t=4, deltaT=4) == config
+    with pytest.raises(ConfigError, match="delta_t=3 and deltaT=4"):
+        ada(delta_t=3, deltaT=4)
+    with pytest.raises(ConfigError, match="delta_t must be a positive integer"):
+        ada(deltaT=0)

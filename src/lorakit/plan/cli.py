@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="memory of full FT / LoRA / QLoRA training and of serving, from a config alone",
                        description="Plan training and serving memory from a model's config.json (built on the meta "
                                    "device: no weights are read).")
-    p.add_argument("--model", required=True, help="model directory or its config.json")
+    p.add_argument("--model", required=True, help="model directory, its config.json, or builtin (lorakit's built-in model)")
     p.add_argument("--method", default="all", choices=METHODS + ("all",))
     p.add_argument("--rank", "-r", type=int, default=8)
     p.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelConfigError
+from ..hf import BUILTIN
 
 # The sizes a plan is made of. A config file must state them: transformers would otherwise fill in its
 # class defaults (a LlamaConfig without hidden_size is silently a 7B model) and the plan would describe
@@ -19,7 +20,8 @@ REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "voc
 
 
 def load_config(source: Any):
-    """A transformers `PretrainedConfig` from a model directory, a config.json path, a dict, a config, or a model.
+    """A transformers `PretrainedConfig` from a model directory, a config.json path, "builtin" (lorakit's built-in
+    model, as `--base builtin` names it), a dict, a config, or a model.
 
     Only the config file is opened: a directory's weight files are never touched.
     """
@@ -38,6 +40,10 @@ def load_config(source: Any):
     if isinstance(source, dict):
         return _from_dict(dict(source), "the config dict")
     if isinstance(source, (str, os.PathLike)):
+        if str(source) == BUILTIN:  # its directory, converted once into the cache (as recommend and train find it)
+            from ..train.builtin import default_model_dir
+
+            source = default_model_dir()
         path = Path(source)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():

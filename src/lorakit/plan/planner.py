@@ -85,7 +85,7 @@ def plan_memory(model_or_config, method: str = "all", rank: int = 8, alpha: floa
                 lora_config: LoraConfig | None = None) -> MemoryPlan:
     """Plan the memory of training (full FT, LoRA, QLoRA) and serving a model, from its config alone.
 
-    `model_or_config`: a model directory, a config.json path, a transformers config or model. The model
+    `model_or_config`: a model directory, a config.json path, "builtin", a transformers config or model. The model
     is built on the meta device and LoRA is injected with lorakit's own `inject`, so the targets and
     counts are exactly what training would get; no weight is read. `dtype` is the model's dtype
     (default: the config's, else fp32); QLoRA's adapters and compute use it too. `device` ("cuda" or

@@ -33,8 +33,8 @@ STUDY_BATCH = 16  # prior for the effective batch when the study's default run h
 
 @dataclass
 class Recommendation:
-    """What `lorakit recommend` prints: the settings with their reasons, the LoraConfig, the memory plan, and
-    `train_config()` / `command()` to run it with `lorakit train`."""
+    """What `lorakit recommend` prints: the settings with their reasons, the LoraConfig (`config`, also `lora`),
+    the memory plan, and `train_config()` / `command()` to run it with `lorakit train`."""
 
     model: str
     task: str
@@ -51,6 +51,12 @@ class Recommendation:
     study: Study
     notes: list[str] = field(default_factory=list)
     bundled: bool = False  # planned for lorakit's bundled data (the built-in model with no examples given)
+
+    @property
+    def config(self) -> LoraConfig | None:
+        """The starting LoraConfig, for `lorakit.inject(model, rec.config)` (the same object as `lora`; None when
+        the recommendation is full fine-tuning)."""
+        return self.lora
 
     def setting(self, name: str) -> Setting:
         return next(s for s in self.settings if s.name == name)
@@ -105,7 +111,8 @@ class Recommendation:
 def recommend_config(model_or_dir, task: str = "causal-lm", examples: int | None = None, memory_gb: float | None = None,
                      priority: str = "quality", seq: int = 512, device: str | None = None,
                      study: Study | None = None) -> Recommendation:
-    """A starting LoraConfig and `lorakit train` settings, each with a reason from lorakit's study or memory plan.
+    """A starting LoraConfig (`.config`) and `lorakit train` settings (`.train_config()`, `.command()`), each with a
+    reason from lorakit's study or memory plan (`.settings`).
 
     `model_or_dir`: a model directory, its config.json, "builtin", or a transformers config/model (only the config
     is read). `examples`: rows in the training data. `memory_gb`: GiB of accelerator memory (of RAM with

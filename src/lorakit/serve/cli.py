@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ..device import add_device_argument
+from ..device import add_device_argument, add_threads_argument
 
 
 def add_parser(sub) -> None:
@@ -42,8 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--enable-lora", action="store_true", help="accepted for vLLM's command lines; LoRA is always on")
     p.add_argument("--max-adapter-mb", type=float, default=None, help="memory for loaded adapters at most, in MiB")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="dtype to load the base in")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the engine (default: torch's choice; 1 is often faster on a busy small CPU)")
+    add_threads_argument(p, "torch threads for the engine (default: torch's choice; 1 is often faster on a busy "
+                            "small CPU)")
     add_device_argument(p)
     p.set_defaults(func=run_serve)
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..device import add_device_argument
+from ..device import add_device_argument, add_threads_argument
 from ..errors import ConfigError
 from ..hf import BUILTIN
 from .config import LORA_ONLY, METHOD_DEFAULTS, METHODS, TrainConfig, full_refusal, read_config_file, resolve
@@ -61,7 +61,8 @@ def add_parser(sub) -> None:
                    "or 8-bit through bitsandbytes; turns gradient checkpointing on")
     p.add_argument("--init", help="how A and B start: kaiming (default; B = 0), gaussian, pissa, pissa_niter_N (randomised "
                    "SVD), olora (pissa/olora start from the base's principal directions, the base keeps the residual), "
-                   "loftq (fitted to the quantised base's rounding error; needs --quantize)")
+                   "loftq (fitted to the quantised base's rounding error; needs --quantize). --method dora: kaiming or "
+                   "gaussian; adalora, vera: kaiming only")
     p.add_argument("--batch-size", "--per-device-train-batch-size", dest="batch_size", type=int,
                    help=f"rows per micro-batch per process (default {d.batch_size})")
     p.add_argument("--grad-accum", "--gradient-accumulation-steps", dest="grad_accum", type=int,
@@ -87,8 +88,8 @@ def add_parser(sub) -> None:
                    help="train on the good rows when some are malformed (default: stop and list them)")
     p.add_argument("--eval-fraction", type=float)
     p.add_argument("--max-eval", type=int)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores; 1 is faster when other "
-                   "jobs share the cores, since a multi-threaded op waits for its slowest thread)")
+    add_threads_argument(p, "torch CPU threads (default: all cores; 1 is faster when other jobs share the cores, "
+                            "since a multi-threaded op waits for its slowest thread)")
     p.add_argument("--compare-base", action="store_true", default=None, help="also evaluate the base model first")
     p.set_defaults(func=run)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,13 @@ RECORD_ONLY = ("adapted_modules",)
 # built-in demo's settings). VeRA trains two vectors per layer around a frozen random projection: it takes
 # r=256 and a far higher learning rate than LoRA (on the demo: 66.7% exact match at 1e-2, 84.2% at 3e-2).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"vera": {"rank": 256, "lr": 3e-2}}
+# The --init values each method honours. lora: every LoraConfig init ("pissa_niter_N" included); full: none (it has
+# no adapter: LORA_ONLY). DoRA's magnitude starts at the norms of the base as loaded, which pissa/olora (a residual
+# base) and loftq (a fitted B) would change; AdaLoRA and VeRA start their own way (E = 0; λ_b = 0) and mixture trains
+# routers only.
+INITS: dict[str, tuple[str, ...]] = {"lora": ("kaiming", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq"),
+                                     "dora": ("kaiming", "gaussian"), "adalora": ("kaiming",), "vera": ("kaiming",),
+                                     "mixture": ("kaiming",)}
 # Plain-LoRA settings VeRA has no use for (its λ vectors carry the scale; it has no B factor to speed up).
 NOT_VERA = ("alpha", "rslora", "lora_plus_ratio")
 
@@ -110,6 +118,11 @@ class TrainConfig:
         for name, allowed in (("quantize", QUANTIZE + (None,)), ("optim", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        allowed = INITS.get(self.method)
+        if allowed is not None and self.init not in allowed and not (
+                "pissa_niter_N" in allowed and re.fullmatch(r"pissa_niter_[1-9][0-9]*", str(self.init))):
+            raise ConfigError(f"--init {self.init} does not apply to --method {self.method}, which supports --init "
+                              f"{' | '.join(allowed)}; drop --init or pick one of these")
         if self.init == "loftq" and self.quantize is None:
             raise ConfigError("--init loftq fits the adapter to a quantised base's rounding error; add --quantize nf4")
         if self.gradient_checkpointing is None:

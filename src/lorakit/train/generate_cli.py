@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ..device import add_device_argument, resolve_device, to_device
+from ..device import add_device_argument, add_threads_argument, resolve_device, to_device
 from ..errors import ConfigError
 
 BASE_WORDS = ("base", "none")
@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    add_threads_argument(p, "torch CPU threads for loading and generating (default: all cores; 1 is often faster "
+                            "when other jobs share the CPU)")
     add_device_argument(p)
     p.set_defaults(func=run)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
@@ -27,11 +27,14 @@ from ..layers import LayerType, LoraAdapter, adapter_dtype
 TRIPLET = ("lora_A", "lora_B", "lora_E")  # PEFT's names after the module path (no ".weight": they are parameters)
 # The allocator's moving averages per adapter: sensitivity Ī and uncertainty Ū of every entry of A, E and B.
 IMPORTANCE = ("ipt_A", "ipt_E", "ipt_B", "unc_A", "unc_E", "unc_B")
+# adapter_config.json keys PEFT's AdaLoraConfig adds to its LoraConfig's (read here, not by LoraConfig's reader).
+PEFT_ADALORA_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
 
 
 @dataclass
 class AdaLoraConfig(LoraConfig):
-    """AdaLoRA's settings, with PEFT's AdaLoraConfig names and meaning (`delta_t` is PEFT's `deltaT`).
+    """AdaLoRA's settings, with PEFT's AdaLoraConfig names and meaning (`delta_t` is PEFT's `deltaT`, which is
+    accepted too, so that `AdaLoraConfig(deltaT=10, ...)` copied from PEFT code works).
 
     Each layer starts at rank `init_r`; after `tinit` warm-up steps the total budget falls on a cubic schedule
     until step `total_step - tfinal`, where it reaches `target_r` per layer on average, and stays there.
@@ -50,8 +53,14 @@ class AdaLoraConfig(LoraConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
+    deltaT: InitVar[int | None] = None  # PEFT's spelling of delta_t (not a field: the config holds delta_t only)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, deltaT: int | None = None) -> None:
+        if deltaT is not None:
+            if self.delta_t not in (1, deltaT):  # 1: delta_t's default, i.e. not given
+                raise ConfigError(f"AdaLoraConfig got delta_t={self.delta_t!r} and deltaT={deltaT!r}, two spellings "
+                                  "of one setting (deltaT is PEFT's); give one of them")
+            self.delta_t = deltaT
         masks, self.rank_pattern = self.rank_pattern, {}  # LoraConfig checks integer ranks; ours are masks
         super().__post_init__()
         for name in ("init_r", "target_r", "total_step", "delta_t"):
@@ -108,8 +117,9 @@ class AdaLoraConfig(LoraConfig):
         if d.get("peft_type") != "ADALORA":
             raise ConfigError(f"peft_type is {d.get('peft_type')!r}, not 'ADALORA'")
         # The fields AdaLoRA shares with LoRA are read by LoraConfig's reader; PEFT's AdaLoRA ignores use_rslora,
-        # alpha_pattern and init_lora_weights (its scale is always lora_alpha/init_r), and so do we.
-        shared = {**d, "peft_type": "LORA", "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False,
+        # alpha_pattern and init_lora_weights (its scale is always lora_alpha/init_r), and so do we. AdaLoRA's own
+        # keys are read below, so LoraConfig's reader does not see them (it warns about keys it does not know).
+        shared = {**{k: v for k, v in d.items() if k not in PEFT_ADALORA_KEYS}, "peft_type": "LORA", "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False,
                   "init_lora_weights": True}
         lora = LoraConfig.from_peft_dict(shared)
         fields = {k: getattr(lora, k) for k in lora.__dataclass_fields__ if k not in ("rank_pattern", "alpha_pattern")}
@@ -117,6 +127,10 @@ class AdaLoraConfig(LoraConfig):
                    target_r=int(d.get("target_r", 8)), tinit=int(d.get("tinit", 0)), tfinal=int(d.get("tfinal", 0)),
                    delta_t=int(d.get("deltaT", 1)), beta1=float(d.get("beta1", 0.85)), beta2=float(d.get("beta2", 0.85)),
                    orth_reg_weight=float(d.get("orth_reg_weight", 0.5)), total_step=d.get("total_step"))
+
+
+# Read back under PEFT's name too (the class attribute the InitVar's default left would always say None).
+AdaLoraConfig.deltaT = property(lambda self: self.delta_t, doc="PEFT's name for delta_t")
 
 
 def _pattern_key(key: str) -> str:

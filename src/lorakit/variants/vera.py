@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import _check_positive_int, normalise_shared_fields
 from ..errors import AdapterFileError, ConfigError, IncompatibleAdapterError, ShapeMismatchError
-from ..fused import _base_op, _fold_is_cheaper, _folded_weight
+from ..fused import _base_op, _fold_is_cheaper, _folded_weight, _materialise
 from ..layers import LayerType, LoraAdapter, _tensor_versions, adapter_dtype, layer_type
 from ..state import adapter_layers, get_state
 
@@ -207,9 +207,9 @@ class VeraAdapter(LoraAdapter):
                                   "supports Linear and GPT-2 Conv1D layers; leave it out of target_modules")
             sizes.append(ltype.features(base))
         A, B = draw_projections(config.projection_seed, config.r, max(i for i, _ in sizes), max(o for _, o in sizes))
-        weight = bases[0][1].weight
-        dtype = adapter_dtype(weight.dtype)
-        return VeraProjections(A.to(weight.device, dtype), B.to(weight.device, dtype))
+        base = bases[0][1]
+        dtype = adapter_dtype(layer_type(base).weight_dtype(base))  # a quantised weight's storage dtype says nothing
+        return VeraProjections(A.to(base.weight.device, dtype), B.to(base.weight.device, dtype))
 
     @classmethod
     def create(cls, config, base, ltype, name, shared=None) -> "VeraAdapter":
@@ -242,7 +242,8 @@ class VeraAdapter(LoraAdapter):
             return None
         A, B = self.projection_slices()
         base = layer.base_layer
-        return vera_linear(x, base.weight, base.bias, self.vera_lambda_d, self.vera_lambda_b, A, B, strength,
+        weight = layer.type.fused_weight(base)  # a quantised base: a function that dequantises it (fused.py)
+        return vera_linear(x, weight, base.bias, self.vera_lambda_d, self.vera_lambda_b, A, B, strength,
                            layer.type.fan_in_fan_out, self.projections)
 
     def row_version(self) -> tuple:
@@ -320,7 +321,8 @@ def _check_fits(a_shape, b_shape, name: str, a: VeraAdapter, file) -> None:
 
 
 def vera_linear(x, weight, bias, lambda_d, lambda_b, A, B, strength, transposed, projections):
-    """`base(x) + strength · λ_b ⊙ B(λ_d ⊙ A x)` on a Linear / Conv1D weight; records a graph only when asked."""
+    """`base(x) + strength · λ_b ⊙ B(λ_d ⊙ A x)` on a Linear / Conv1D weight; records a graph only when asked.
+    `weight` may be a function that returns it (a quantised base dequantising on demand, as in fused.py)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lambda_d, lambda_b)):
         return _VeraLinearFn.apply(x, weight, bias, lambda_d, lambda_b, A, B, strength, transposed, projections)
     y = _vera_forward(x.reshape(-1, x.shape[-1]), weight, bias, lambda_d, lambda_b, A, B, strength, transposed)
@@ -330,9 +332,10 @@ def vera_linear(x, weight, bias, lambda_d, lambda_b, A, B, strength, transposed,
 def _vera_forward(x2, weight, bias, lambda_d, lambda_b, A, B, strength, transposed):
     """Long batches fold `W + s·(λ_b ⊙ B)(λ_d ⊙ A)` into a temporary weight (out·in·r multiply-adds); short
     ones add `s·λ_b ⊙ ((λ_d ⊙ x Aᵀ) Bᵀ)` row by row (rows·r·(in + out)). With λ_b = 0 both give the base exactly."""
+    weight, owned = _materialise(weight)
     rows, in_f = x2.shape
     if _fold_is_cheaper(rows, in_f + B.shape[0], weight, A.shape[0]):
-        folded = _folded_weight(weight, A * lambda_d[:, None], B * lambda_b[:, None], strength, transposed)
+        folded = _folded_weight(weight, A * lambda_d[:, None], B * lambda_b[:, None], strength, transposed, owned)
         return _base_op(x2, folded, bias, transposed)
     y = _base_op(x2, weight, bias, transposed)
     return y.addcmul_((x2 @ A.T).mul_(lambda_d) @ B.T, lambda_b, value=strength)
@@ -340,9 +343,10 @@ def _vera_forward(x2, weight, bias, lambda_d, lambda_b, A, B, strength, transpos
 
 def _vera_input_grad(dy2, weight, lambda_d, lambda_b, A, B, strength, transposed):
     """dx = dy·(W + s·(λ_b ⊙ B)(λ_d ⊙ A)): through the folded weight for long batches, else row by row."""
+    weight, owned = _materialise(weight)
     A_d, B_b = A * lambda_d[:, None], B * lambda_b[:, None]
     if _fold_is_cheaper(dy2.shape[0], A.shape[1] + B.shape[0], weight, A.shape[0]):
-        w = _folded_weight(weight, A_d, B_b, strength, transposed)
+        w = _folded_weight(weight, A_d, B_b, strength, transposed, owned)
         return dy2 @ (w.T if transposed else w)
     dx = dy2 @ (weight.T if transposed else weight)
     return dx.addmm_(dy2 @ B_b, A_d, alpha=strength)
@@ -361,7 +365,9 @@ class _VeraLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lambda_d, lambda_b, A, B, strength, transposed, projections):
         x2 = x.reshape(-1, x.shape[-1])
         y = _vera_forward(x2, weight, bias, lambda_d, lambda_b, A, B, strength, transposed)
-        ctx.save_for_backward(x2, weight, lambda_d, lambda_b, A, B)
+        # A weight given as a function (a quantised base) is not kept: backward dequantises it again.
+        ctx.weight_fn = weight if callable(weight) else None
+        ctx.save_for_backward(x2, None if callable(weight) else weight, lambda_d, lambda_b, A, B)
         ctx.strength, ctx.transposed, ctx.has_bias, ctx.projections = strength, transposed, bias is not None, projections
         projections._last = None  # a new forward: the last step's cached product is no longer needed
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -369,6 +375,7 @@ class _VeraLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lambda_d, lambda_b, A, B = ctx.saved_tensors
+        weight = ctx.weight_fn if ctx.weight_fn is not None else weight
         dy2 = dy.reshape(-1, dy.shape[-1])
         s = ctx.strength
         dx = d_bias = d_lambda_d = d_lambda_b = None
