@@ -8,7 +8,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.compose.combine import merge_tensors
+from lorakit.compose.combine import combine_adapter_files, merge_tensors
 from lorakit.errors import ConfigError, IncompatibleAdapterError
 from lorakit.state import lora_layers
 
@@ -155,6 +155,9 @@ def test_different_targets_need_cat_or_svd(llama_dir, tmp_path, tokens):
     lorakit.set_active(model, ["q", "v"])
     with torch.no_grad():
         both = model(tokens).logits
+    lorakit.inject(model, LoraConfig(r=4, target_modules=["q_proj"]), adapter="q2")
+    # a layer that only an adapter left out of the combination adapts (v's v_proj) is not one q2 lacks
+    lorakit.combine_adapters(model, {"q": 1.0, "q2": 1.0}, method="linear", name="qq")
     lorakit.combine_adapters(model, {"q": 1.0, "v": 1.0}, method="cat", name="qv")
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, both, atol=ATOL, rtol=0)
@@ -200,3 +203,64 @@ def test_dora_adapters_are_refused_by_name(llama_dir):
         lorakit.combine_adapters(model, {"d": 0.5, "p": 0.5}, method="cat")
     with pytest.raises(IncompatibleAdapterError, match="dora adapter"):
         lorakit.resize_adapter(model, "d", rank=2)
+
+
+# --- combining adapter files without a base (lorakit combine without --base) ----------------------------
+
+
+def _llama(hidden):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+
+
+def _adapter_file(model, path, targets, seed=0, base=None):
+    lorakit.inject(model, LoraConfig(r=4, target_modules=targets))
+    randomise_lora(model, seed=seed)
+    path = lorakit.save_adapter(model, path)
+    if base is not None:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
+    return path
+
+
+def test_files_from_different_bases_are_refused_naming_the_layer(tmp_path, cli):
+    small = _adapter_file(_llama(64), tmp_path / "small", ["q_proj"], base="org/llama-64")
+    large = _adapter_file(_llama(96), tmp_path / "large", ["q_proj"], seed=1, base="org/llama-96")
+    for method in ("cat", "svd", "linear"):
+        with pytest.raises(IncompatibleAdapterError, match=r"different bases: layer 'model.layers.0.self_attn.q_proj' "
+                                                            r"takes 64 inputs to 64 outputs in the first and 96 to 96"):
+            combine_adapter_files([(small, 0.5), (large, 0.5)], tmp_path / "out", method=method)
+    code, out, err = cli("combine", f"a={small}", f"b={large}", "--method", "cat", "--out", tmp_path / "out")
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert len(err.strip().splitlines()) == 1 and "model.layers.0.self_attn.q_proj" in err
+    assert "org/llama-64" in err and "org/llama-96" in err
+
+
+def test_files_naming_other_bases_of_one_shape_are_combined_with_one_warning(llama_dir, tmp_path):
+    a = _adapter_file(load(llama_dir), tmp_path / "a", ["q_proj"], base="org/one")
+    b = _adapter_file(load(llama_dir), tmp_path / "b", ["q_proj"], seed=1, base="org/other")
+    c = _adapter_file(load(llama_dir), tmp_path / "c", ["q_proj"], seed=2, base="org/third")
+    with pytest.warns(lorakit.errors.ConfigWarning, match="different base models") as caught:
+        combine_adapter_files([(a, 0.5), (b, 0.3), (c, 0.2)], tmp_path / "out", method="cat")
+    assert len([w for w in caught if "different base models" in str(w.message)]) == 1
+    assert "org/other" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("method,kw", [("linear", {}), ("ties", {"density": 0.5})])
+def test_files_on_other_layers_are_refused_by_the_factor_methods(llama_dir, tmp_path, method, kw):
+    q = _adapter_file(load(llama_dir), tmp_path / "q", ["q_proj"])
+    v = _adapter_file(load(llama_dir), tmp_path / "v", ["v_proj"], seed=1)
+    qv = _adapter_file(load(llama_dir), tmp_path / "qv", ["q_proj", "v_proj"], seed=2)
+    # disjoint targets: each layer has one adapter, which the old check let through
+    with pytest.raises(IncompatibleAdapterError, match=rf"adapter '{v}' has no factors on "
+                                                       r"\['model.layers.0.self_attn.q_proj', 'model.layers.1"):
+        combine_adapter_files([(q, 0.5), (v, 0.5)], tmp_path / "out", method=method, **kw)
+    # partial overlap: the message names the adapter and the layers it lacks (as combine_adapters does)
+    with pytest.raises(IncompatibleAdapterError, match=rf"adapter '{q}' has no factors on \['model.layers.0.self_attn.v_proj'"):
+        combine_adapter_files([(qv, 0.5), (q, 0.5)], tmp_path / "out", method=method, **kw)
+    assert not (tmp_path / "out").exists()
+    combine_adapter_files([(q, 0.5), (v, 0.5)], tmp_path / "out", method="cat")  # cat takes them
+

@@ -17,6 +17,7 @@ adapter (scale 1: alpha = r per layer): active, saved in PEFT format, merged and
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import nn
 from ..adapters import require
 from ..config import LoraConfig
 from ..device import seeded_gpus
-from ..errors import AdapterExistsError, ConfigError, IncompatibleAdapterError
+from ..errors import AdapterExistsError, ConfigError, ConfigWarning, IncompatibleAdapterError
 from ..inject import inject
 from ..state import adapter_layers, get_state, lora_layers
 from . import lowrank
@@ -46,6 +47,7 @@ class _Part:
     scale: float
     weight: float
     shapes: tuple = ()  # the factors' shapes in the file (combine_adapter_files writes them back alike)
+    source: str = ""  # the adapter directory it came from (combine_adapter_files)
 
 
 @torch.no_grad()
@@ -53,7 +55,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], method: str = 
                      density: float | None = None, rank: int | None = None, seed: int = 0,
                      majority_sign: str = "total", activate: bool = True) -> nn.Module:
     """Add adapter `name`: the adapters in `weights` ({name: weight}, weights may be negative) combined by `method`."""
-    _check_arguments(model, weights, method, name, density, rank, majority_sign)
+    weights = _check_arguments(model, weights, method, name, density, rank, majority_sign)
     layers = _parts_per_layer(model, weights, method)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     base = method.removesuffix("_svd")
@@ -81,12 +83,14 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], method: str = 
 # --- checks ----------------------------------------------------------------------------------------
 
 
-def _check_arguments(model, weights, method, name, density, rank, majority_sign) -> None:
+def _check_arguments(model, weights, method, name, density, rank, majority_sign) -> dict[str, float]:
+    """The checked weights, as floats."""
     if not isinstance(weights, dict) or not weights:
         raise ConfigError(f"weights must be a non-empty {{adapter: weight}} dict, got {weights!r}")
+    checked = {}
     for adapter, w in weights.items():
         require(model, adapter)
-        _check_weight(adapter, w)
+        checked[adapter] = _check_weight(adapter, w)
     if name in get_state(model).configs:
         raise AdapterExistsError(f"model already has an adapter named {name!r}; pass another name=")
     check_options(method, density, rank, majority_sign)
@@ -96,11 +100,13 @@ def _check_arguments(model, weights, method, name, density, rank, majority_sign)
             raise IncompatibleAdapterError(
                 f"adapter {adapter!r} also trains {'modules ' + str(config.modules_to_save) if config.modules_to_save else 'biases'}, "
                 "which have no low-rank form to combine; combine adapters that hold only LoRA factors")
+    return checked
 
 
-def _check_weight(what, w) -> None:
+def _check_weight(what, w) -> float:
     if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
         raise ConfigError(f"the weight of {what!r} must be a finite number, got {w!r}")
+    return float(w)
 
 
 def check_options(method, density, rank, majority_sign) -> None:
@@ -121,14 +127,14 @@ def check_options(method, density, rank, majority_sign) -> None:
 def _parts_per_layer(model, weights, method) -> dict[str, list[_Part]]:
     """Every layer that any of the adapters adapts, with its parts; the factor methods need the same layers and ranks."""
     layers: dict[str, list[_Part]] = {}
-    missing: dict[str, list[str]] = {}
+    adapted: dict[str, set[str]] = {adapter: set() for adapter in weights}
     for layer_name, layer in lora_layers(model):
         parts = []
         for adapter, w in weights.items():
             a = layer.adapters._modules.get(adapter)
             if a is None:
-                missing.setdefault(adapter, []).append(layer_name)
                 continue
+            adapted[adapter].add(layer_name)
             if not getattr(a, "low_rank_delta", False):
                 raise IncompatibleAdapterError(
                     f"adapter {adapter!r} is a {a.method} adapter on {layer_name!r}, whose change is not B·A "
@@ -137,20 +143,29 @@ def _parts_per_layer(model, weights, method) -> dict[str, list[_Part]]:
             parts.append(_Part(A.flatten(1), B.flatten(1), a.scale, float(w)))
         if parts:
             layers[layer_name] = parts
-    if method in FACTOR_METHODS:
-        if missing:
-            adapter, where = next(iter(missing.items()))
-            raise IncompatibleAdapterError(
-                f"method {method!r} combines A and B entry by entry, so every adapter must adapt the same layers; "
-                f"adapter {adapter!r} has no factors on {where[:3]}{' …' if len(where) > 3 else ''}. "
-                "Use method='cat' or 'svd', which combine adapters with different targets")
-        for layer_name, parts in layers.items():
-            ranks = {p.A.shape[0] for p in parts}
-            if len(ranks) > 1:
-                raise IncompatibleAdapterError(
-                    f"method {method!r} needs one rank per layer, but the adapters have ranks {sorted(ranks)} on "
-                    f"{layer_name!r}; use method='cat' or 'svd' (or lorakit.resize_adapter first)")
+    check_same_layers(method, adapted, layers)
     return layers
+
+
+def check_same_layers(method: str, adapted: dict[str, set[str]], layers: dict[str, list[_Part]]) -> None:
+    """The factor methods combine A and B entry by entry: every adapter on the same layers, one rank per layer.
+    `adapted` is {adapter: the layers it adapts}; `layers` every layer some adapter adapts, in order, with its parts."""
+    if method not in FACTOR_METHODS:
+        return
+    order = {name: i for i, name in enumerate(layers)}
+    missing = {adapter: where for adapter, mine in adapted.items() if (where := [n for n in layers if n not in mine])}
+    if missing:  # the adapter that lacks the earliest layer
+        adapter, where = min(missing.items(), key=lambda item: order[item[1][0]])
+        raise IncompatibleAdapterError(
+            f"method {method!r} combines A and B entry by entry, so every adapter must adapt the same layers; "
+            f"adapter {adapter!r} has no factors on {where[:3]}{' …' if len(where) > 3 else ''}. "
+            "Use method='cat' or 'svd', which combine adapters with different targets")
+    for layer_name, parts in layers.items():
+        ranks = {p.A.shape[0] for p in parts}
+        if len(ranks) > 1:
+            raise IncompatibleAdapterError(
+                f"method {method!r} needs one rank per layer, but the adapters have ranks {sorted(ranks)} on "
+                f"{layer_name!r}; use method='cat' or 'svd' (or lorakit.resize_adapter first)")
 
 
 # --- the methods -------------------------------------------------------------------------------------
@@ -237,47 +252,24 @@ def combine_adapter_files(sources: list[tuple[str, float]], out, method: str = "
                           rank: int | None = None, seed: int = 0, majority_sign: str = "total") -> Path:
     """`combine_adapters` on adapter directories of plain LoRA, without their base model; writes the result to `out`.
     Layers are taken in name order (a model's own order may differ, so the random methods draw differently)."""
-    from ..io import PREFIX, read_adapter_config, read_adapter_tensors, split_factor_key, write_adapter_files
+    from ..io import PREFIX, write_adapter_files
+    from .resize import scale_one_config
 
     if not sources:
         raise ConfigError("name at least one adapter to combine")
     check_options(method, density, rank, majority_sign)
-    layers: dict[str, list[_Part]] = {}
-    tokens: dict[str, tuple[str, str]] = {}
-    configs = []
-    for path, weight in sources:
-        config = read_adapter_config(path)
-        if config.method != "lora" or config.init not in ("kaiming", "gaussian") or config.modules_to_save or config.bias != "none":
-            raise IncompatibleAdapterError(
-                f"{path} is not a plain LoRA adapter ({config.method}, init {config.init}); combine it through a base "
-                "model (lorakit combine --base DIR, or lorakit.combine_adapters), which understands every method")
-        _check_weight(str(path), weight)
-        configs.append(config)
-        by_module: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in read_adapter_tensors(path).items():
-            found = split_factor_key(key)
-            if found is None:
-                raise IncompatibleAdapterError(f"{path}: tensor {key!r} is not a LoRA factor; only factors can be combined")
-            by_module.setdefault(found[0], {})[found[1]] = value
-        for module, parts in by_module.items():
-            a_token, b_token = sorted(parts)
-            tokens[module] = (a_token, b_token)
-            A, B = parts[a_token], parts[b_token]
-            layers.setdefault(module, []).append(_Part(A.float().flatten(1), B.float().flatten(1), config.scale_for(module),
-                                                       float(weight), (tuple(A.shape), tuple(B.shape))))
-    if method in FACTOR_METHODS and len({len(p) for p in layers.values()}) > 1:
-        raise IncompatibleAdapterError(f"method {method!r} needs every adapter to adapt the same layers; "
-                                       "use method='cat' or 'svd'")
+    layers, tokens, configs = _read_sources(sources)
+    layers = {m: layers[m] for m in sorted(layers, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])}
+    adapted = {str(path): {m for m, parts in layers.items() if str(path) in {p.source for p in parts}}
+               for path, _ in sources}
+    check_same_layers(method, adapted, layers)
     factors = {}
     with torch.random.fork_rng(devices=seeded_gpus()):
         torch.manual_seed(seed)
-        for module in sorted(layers, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]):
-            parts = layers[module]
+        for module, parts in layers.items():
             if method == "cat":
                 factors[module] = _cat(parts)
             elif method in FACTOR_METHODS:
-                if len({p.A.shape[0] for p in parts}) > 1:
-                    raise IncompatibleAdapterError(f"method {method!r} needs one rank per layer; {module!r} has several")
                 factors[module] = _per_factor(parts, method, density, majority_sign)
             elif method == "svd":
                 factors[module] = _svd_of_sum(parts, rank)
@@ -292,7 +284,69 @@ def combine_adapter_files(sources: list[tuple[str, float]], out, method: str = "
         tensors[f"{PREFIX}{module}.{a_token}{suffix}"] = A.reshape(k, *a_shape[1:])
         tensors[f"{PREFIX}{module}.{b_token}{suffix}"] = B.reshape(b_shape[0], k, *b_shape[2:])
         ranks[module] = k
-    from .resize import scale_one_config
-
     peft = scale_one_config(ranks, configs[0]).to_peft_dict(target_modules=sorted(ranks))
     return write_adapter_files(out, peft, tensors)
+
+
+def _read_sources(sources):
+    """Each source's factors per module (checked: plain LoRA, finite weight, one base's shapes); the factor names
+    per module; the sources' configs."""
+    from ..io import read_adapter_config, read_adapter_tensors, split_factor_key
+
+    layers: dict[str, list[_Part]] = {}
+    tokens: dict[str, tuple[str, str]] = {}
+    configs = []
+    for path, weight in sources:
+        config = read_adapter_config(path)
+        if config.method != "lora" or config.init not in ("kaiming", "gaussian") or config.modules_to_save or config.bias != "none":
+            raise IncompatibleAdapterError(
+                f"{path} is not a plain LoRA adapter ({config.method}, init {config.init}); combine it through a base "
+                "model (lorakit combine --base DIR, or lorakit.combine_adapters), which understands every method")
+        weight = _check_weight(str(path), weight)
+        configs.append(config)
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in read_adapter_tensors(path).items():
+            found = split_factor_key(key)
+            if found is None:
+                raise IncompatibleAdapterError(f"{path}: tensor {key!r} is not a LoRA factor; only factors can be combined")
+            by_module.setdefault(found[0], {})[found[1]] = value
+        for module, parts in by_module.items():
+            a_token, b_token = sorted(parts)
+            tokens[module] = (a_token, b_token)
+            A, B = parts[a_token], parts[b_token]
+            part = _Part(A.float().flatten(1), B.float().flatten(1), config.scale_for(module), weight,
+                         (tuple(A.shape), tuple(B.shape)), str(path))
+            if module in layers:
+                _check_same_shape(module, layers[module][0], part, configs)
+            layers.setdefault(module, []).append(part)
+    _warn_if_other_bases(sources, configs)
+    return layers, tokens, configs
+
+
+def _features(part: _Part) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A layer's (input, output) shape as its factors give it: A is (r, in, …), B is (out, r, …)."""
+    a_shape, b_shape = part.shapes
+    return tuple(a_shape[1:]), (b_shape[0], *b_shape[2:])
+
+
+def _check_same_shape(module: str, first: _Part, part: _Part, configs) -> None:
+    (in1, out1), (in2, out2) = _features(first), _features(part)
+    if (in1, out1) != (in2, out2):
+        bases = sorted({str(c.base_model_name_or_path) for c in configs if c.base_model_name_or_path})
+        raise IncompatibleAdapterError(
+            f"adapters {first.source} and {part.source} were trained on different bases: layer {module!r} takes "
+            f"{_dims(in1)} inputs to {_dims(out1)} outputs in the first and {_dims(in2)} to {_dims(out2)} in the "
+            f"second" + (f" (their configs name the bases {bases})" if len(bases) > 1 else "")
+            + "; combine adapters of one base model")
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape))
+
+
+def _warn_if_other_bases(sources, configs) -> None:
+    bases = {str(path): c.base_model_name_or_path for (path, _), c in zip(sources, configs)}
+    if len({b for b in bases.values() if b}) > 1:
+        warnings.warn(f"the adapters name different base models ({', '.join(f'{p}: {b!r}' for p, b in bases.items())}); "
+                      "their layers have the same shapes, so they are combined, but a combination only makes sense "
+                      "on the base they were all trained on", ConfigWarning, stacklevel=3)
