@@ -264,3 +264,37 @@ def test_files_on_other_layers_are_refused_by_the_factor_methods(llama_dir, tmp_
     assert not (tmp_path / "out").exists()
     combine_adapter_files([(q, 0.5), (v, 0.5)], tmp_path / "out", method="cat")  # cat takes them
 
+
+def test_files_of_gpt2_keep_fan_in_fan_out(gpt2_dir, tmp_path, tokens):
+    from peft import PeftModel
+
+    a = _adapter_file(load(gpt2_dir), tmp_path / "a", ["c_attn", "c_fc"])
+    b = _adapter_file(load(gpt2_dir), tmp_path / "b", ["c_attn", "c_fc"], seed=1)
+    assert json.loads((a / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    out = combine_adapter_files([(a, 0.6), (b, 0.4)], tmp_path / "ab", method="linear")
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    ours = lorakit.load_adapter(load(gpt2_dir), out)
+    theirs = PeftModel.from_pretrained(load(gpt2_dir), out).eval()  # PEFT reads the Conv1D factors by that flag
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens).logits, atol=ATOL, rtol=0)
+
+
+def test_weights_are_any_real_number_and_density_no_bool(llama_dir, two_adapters, tokens, tmp_path):
+    import numpy as np
+
+    model = _ours(llama_dir, two_adapters)
+    lorakit.combine_adapters(model, WEIGHTS, method="cat", name="floats")
+    lorakit.combine_adapters(model, {"a": np.float32(0.6), "b": torch.tensor(-0.4)}, method="cat", name="others")
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, adapter_names=["others"] * 2).logits,
+                                   model(tokens, adapter_names=["floats"] * 2).logits, atol=ATOL, rtol=0)
+    combine_adapter_files([(two_adapters["a"], np.float64(0.5)), (two_adapters["b"], torch.tensor(2))], tmp_path / "o")
+    for bad in (torch.tensor(float("nan")), np.float32("inf"), torch.tensor([0.5]), True, "0.5"):
+        with pytest.raises(ConfigError, match="finite real number"):
+            lorakit.combine_adapters(model, {"a": bad}, method="cat", name="bad")
+        with pytest.raises(ConfigError, match="finite real number"):
+            combine_adapter_files([(two_adapters["a"], bad)], tmp_path / "bad")
+    for density in (True, float("nan"), "0.5"):
+        with pytest.raises(ConfigError, match="0 < density ≤ 1"):
+            lorakit.combine_adapters(model, WEIGHTS, method="ties", density=density, name="bad")
+    lorakit.combine_adapters(model, WEIGHTS, method="ties", density=np.float32(0.5), name="np_density")

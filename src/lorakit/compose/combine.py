@@ -17,6 +17,7 @@ adapter (scale 1: alpha = r per layer): active, saved in PEFT format, merged and
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,17 +104,33 @@ def _check_arguments(model, weights, method, name, density, rank, majority_sign)
     return checked
 
 
+def _real(x) -> float | None:
+    """`x` as a float if it is a real number (int, float, numpy scalar, 0-dim tensor; not a bool), else None."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or x.dtype == torch.bool or x.dtype.is_complex:
+            return None
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    try:
+        return float(x)
+    except (OverflowError, ValueError):
+        return None
+
+
 def _check_weight(what, w) -> float:
-    if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-        raise ConfigError(f"the weight of {what!r} must be a finite number, got {w!r}")
-    return float(w)
+    value = _real(w)
+    if value is None or not math.isfinite(value):
+        raise ConfigError(f"the weight of {what!r} must be a finite real number, got {w!r}")
+    return value
 
 
 def check_options(method, density, rank, majority_sign) -> None:
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if method.removesuffix("_svd") in NEEDS_DENSITY:
-        if density is None or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        value = _real(density)
+        if value is None or not 0 < value <= 1:
             raise ConfigError(f"method {method!r} keeps a fraction `density` of each tensor: pass 0 < density ≤ 1, "
                               f"got {density!r}")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
@@ -253,7 +270,7 @@ def combine_adapter_files(sources: list[tuple[str, float]], out, method: str = "
     """`combine_adapters` on adapter directories of plain LoRA, without their base model; writes the result to `out`.
     Layers are taken in name order (a model's own order may differ, so the random methods draw differently)."""
     from ..io import PREFIX, write_adapter_files
-    from .resize import scale_one_config
+    from .resize import read_fan_in_fan_out, scale_one_config
 
     if not sources:
         raise ConfigError("name at least one adapter to combine")
@@ -285,6 +302,8 @@ def combine_adapter_files(sources: list[tuple[str, float]], out, method: str = "
         tensors[f"{PREFIX}{module}.{b_token}{suffix}"] = B.reshape(b_shape[0], k, *b_shape[2:])
         ranks[module] = k
     peft = scale_one_config(ranks, configs[0]).to_peft_dict(target_modules=sorted(ranks))
+    # GPT-2's Conv1D layers: PEFT reads their factors with fan_in_fan_out=True, as the sources said
+    peft["fan_in_fan_out"] = any(read_fan_in_fan_out(path) for path, _ in sources)
     return write_adapter_files(out, peft, tensors)
 
 

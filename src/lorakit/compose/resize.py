@@ -159,12 +159,13 @@ def resize_adapter_files(path, out, rank: int | None = None, energy: float | Non
         report.append(row)
     new_config = scale_one_config(ranks, config)
     peft = new_config.to_peft_dict(target_modules=sorted(ranks))
-    peft["fan_in_fan_out"] = bool(getattr(config, "fan_in_fan_out", False)) or _read_fan_in_fan_out(path)
+    peft["fan_in_fan_out"] = read_fan_in_fan_out(path)
     write_adapter_files(out, peft, new_tensors)
     return report
 
 
-def _read_fan_in_fan_out(path) -> bool:
+def read_fan_in_fan_out(path) -> bool:
+    """The adapter config's fan_in_fan_out (True for GPT-2's Conv1D layers), which LoraConfig does not keep."""
     import json
     from pathlib import Path
 
