@@ -82,14 +82,28 @@ def test_different_architectures_name_the_tensor(llama_dir, tmp_path):
     config = llama_config()
     config.intermediate_size = 96
     LlamaForCausalLM(config).save_pretrained(tmp_path / "other")
-    with pytest.raises(IncompatibleAdapterError, match=r"tensor 'model.layers.0.mlp.down_proj.weight' is \(64, 128\)"):
+    with pytest.raises(IncompatibleAdapterError, match=r"tensor 'model.layers.0.mlp.down_proj.weight' is \(64, 128\) "
+                                                       r"in the base but \(64, 96\) in the tuned model"):
         lorakit.extract_adapter(llama_dir, tmp_path / "other", rank=2, out=tmp_path / "a", progress=False)
     from transformers import GPT2LMHeadModel
 
     GPT2LMHeadModel(gpt2_config()).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(IncompatibleAdapterError, match="model_type is 'llama' in the base and 'gpt2'"):
+    # the config's reason and the first tensor: GPT-2 ties its head, so the Llama's head has no counterpart
+    with pytest.raises(IncompatibleAdapterError, match=r"model_type is 'llama' in the base and 'gpt2' in the tuned "
+                                                       r"model\): tensor 'lm_head.weight' \(128, 64\) of the base is missing"):
         lorakit.extract_adapter(llama_dir, tmp_path / "gpt2", rank=2, out=tmp_path / "b", progress=False)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_different_hidden_size_names_the_first_tensor(llama_dir, tmp_path, cli):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=128)).save_pretrained(tmp_path / "wide")
+    code, _, err = cli("extract", "--base", llama_dir, "--tuned", tmp_path / "wide", "--rank", "2", "--out", tmp_path / "a")
+    assert code == 2 and not (tmp_path / "a").exists()
+    assert "hidden_size is 64 in the base and 96 in the tuned model" in err
+    assert "tensor 'lm_head.weight' is (128, 64) in the base but (128, 96) in the tuned model" in err
 
 
 def test_command_line(llama_dir, tmp_path, capsys):

@@ -161,18 +161,35 @@ def _extract(base_ck, tuned_ck, rank, out, targets, progress, base) -> ExtractRe
 
 
 def _check_same_architecture(base: _Checkpoint, tuned: _Checkpoint) -> None:
+    """Refuse checkpoints of different architectures, naming the first tensor that differs (with the config field
+    that explains it, when one does)."""
+    hint = ""
     for field_name in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "n_embd", "n_layer"):
         a, b = base.config.get(field_name), tuned.config.get(field_name)
         if a != b:
-            raise IncompatibleAdapterError(f"{base.path} and {tuned.path} are different architectures: {field_name} is "
-                                           f"{a!r} in the base and {b!r} in the tuned model")
-    for key in sorted(base.keys):
+            hint = f" ({field_name} is {a!r} in the base and {b!r} in the tuned model)"
+            break
+    tensor = _first_mismatching_tensor(base, tuned)
+    if tensor is None and not hint:
+        return
+    raise IncompatibleAdapterError(f"{base.path} and {tuned.path} are not the same architecture{hint}: "
+                                   + (tensor or "their tensors have the same names and shapes, but their configs differ"))
+
+
+def _first_mismatching_tensor(base: _Checkpoint, tuned: _Checkpoint) -> str | None:
+    def in_order(keys):  # layer 10 after layer 9
+        return sorted(keys, key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split(".")])
+
+    for key in in_order(base.keys):
         other = tuned.key_for(key)
         if other is None:
-            raise IncompatibleAdapterError(f"{tuned.path} has no tensor {key!r}, which {base.path} has: not the same architecture")
+            return f"tensor {key!r} {base.shape(key)} of the base is missing from the tuned model"
         if base.shape(key) != tuned.shape(other):
-            raise IncompatibleAdapterError(f"tensor {key!r} is {base.shape(key)} in {base.path} but {tuned.shape(other)} "
-                                           f"in {tuned.path}: not the same architecture")
+            return f"tensor {key!r} is {base.shape(key)} in the base but {tuned.shape(other)} in the tuned model"
+    for key in in_order(tuned.keys):
+        if base.key_for(key) is None:
+            return f"tensor {key!r} {tuned.shape(key)} of the tuned model is missing from the base"
+    return None
 
 
 def _task_type(config: dict) -> str | None:
