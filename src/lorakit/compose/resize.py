@@ -33,13 +33,23 @@ class LayerResize:
                 f"relative error {self.relative_error:.2e}")
 
 
-def choose_rank(S: torch.Tensor, old_rank: int, rank: int | None, energy: float | None, module: str) -> int:
+def choose_rank(S: torch.Tensor, old_rank: int, rank: int | None, energy: float | None) -> int:
+    """The new rank of one layer: `rank` capped at the layer's own (layers of a smaller rank keep theirs), or the
+    smallest keeping `energy` of ‖ΔW‖²."""
     if rank is not None:
-        if rank > old_rank:
-            raise ConfigError(f"cannot resize {module!r} to rank {rank}: its rank is {old_rank}, and resizing only "
-                              "lowers ranks (a larger rank would add nothing)")
-        return rank
+        return min(rank, old_rank)
     return lowrank.rank_for_energy(S, energy)
+
+
+def check_rank_fits(rank: int | None, old_ranks: dict[str, int]) -> None:
+    """Refuse a rank above the adapter's largest: resizing only lowers ranks (a larger one would add nothing)."""
+    if rank is None or not old_ranks:
+        return
+    module, largest = max(old_ranks.items(), key=lambda item: item[1])
+    if rank > largest:
+        raise ConfigError(f"cannot resize to rank {rank}: the adapter's largest rank is {largest} (on {module!r}), "
+                          "and resizing only lowers ranks (a larger rank would add nothing); pass --rank ≤ "
+                          f"{largest} (layers of a smaller rank keep theirs)")
 
 
 def check_target(rank: int | None, energy: float | None) -> None:
@@ -57,7 +67,7 @@ def resize_factors(module: str, A: torch.Tensor, B: torch.Tensor, scale: float, 
     """New (A, B) at scale 1 for ΔW = scale·B·A (A as (r, in·k·k), B as (out, r)), and what was kept."""
     U, S, Vh = lowrank.svd_of_product(B.float() * scale, A.float())
     old = A.shape[0]
-    k = choose_rank(S, old, rank, energy, module)
+    k = choose_rank(S, old, rank, energy)
     kept = lowrank.energy_kept(S)[k - 1].item()
     new_A, new_B = lowrank.split(U, S, Vh, k)
     return new_A, new_B, LayerResize(module, old, k, kept, lowrank.relative_error(S, k))
@@ -77,13 +87,17 @@ def resize_adapter(model: nn.Module, name: str, rank: int | None = None, energy:
         raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before resizing")
     if config.modules_to_save or config.bias != "none":
         raise IncompatibleAdapterError(f"adapter {name!r} also trains modules or biases, which resizing would drop")
-    factors, report = {}, []
+    old = {}
     for layer_name, layer, a in adapter_layers(model, name):
         if not getattr(a, "low_rank_delta", False):
             raise IncompatibleAdapterError(f"adapter {name!r} is a {a.method} adapter; its change on {layer_name!r} "
                                            "is not B·A alone, so it has no rank to resize")
         A, B = (f.detach().float() for f in a.factors())
-        new_A, new_B, row = resize_factors(layer_name, A.flatten(1), B.flatten(1), a.scale, rank, energy)
+        old[layer_name] = (A.flatten(1), B.flatten(1), a.scale)
+    check_rank_fits(rank, {n: A.shape[0] for n, (A, _, _) in old.items()})
+    factors, report = {}, []
+    for layer_name, (A, B, scale) in old.items():
+        new_A, new_B, row = resize_factors(layer_name, A, B, scale, rank, energy)
         factors[layer_name] = (new_A, new_B)
         report.append(row)
     new_config = scale_one_config({n: A.shape[0] for n, (A, _) in factors.items()}, config)
@@ -135,6 +149,7 @@ def resize_adapter_files(path, out, rank: int | None = None, energy: float | Non
     cls = adapter_class(config)
     if not getattr(cls, "low_rank_delta", False):
         raise IncompatibleAdapterError(f"{path} is a {config.method} adapter, whose change is not B·A alone")
+    check_rank_fits(rank, {module: _rank_in_file(found, config, module) for module, found in parts.items()})
     new_tensors, ranks, report = {}, {}, []
     for module, found in sorted(parts.items()):
         by_token = {t: v for t, (_, v) in found.items()}
@@ -148,7 +163,7 @@ def resize_adapter_files(path, out, rank: int | None = None, energy: float | Non
             delta = cls.delta_from_file(by_token, config, module)
             U, S, Vh = lowrank.svd(delta.float())
             old = config.rank_for(module)
-            k = choose_rank(S, old, rank, energy, module)
+            k = choose_rank(S, old, rank, energy)
             new_A, new_B = lowrank.split(U, S, Vh, k)
             row = LayerResize(module, old, k, lowrank.energy_kept(S)[k - 1].item(), lowrank.relative_error(S, k))
             a_token, b_token, shape_A, shape_B = "lora_A", "lora_B", new_A.shape, new_B.shape
@@ -162,6 +177,13 @@ def resize_adapter_files(path, out, rank: int | None = None, energy: float | Non
     peft["fan_in_fan_out"] = read_fan_in_fan_out(path)
     write_adapter_files(out, peft, new_tensors)
     return report
+
+
+def _rank_in_file(found: dict[str, tuple[str, torch.Tensor]], config, module: str) -> int:
+    for token in ("lora_A", "lora_embedding_A"):
+        if token in found:
+            return found[token][1].shape[0]
+    return config.rank_for(module)  # another method's tensors (VeRA, AdaLoRA)
 
 
 def read_fan_in_fan_out(path) -> bool:
