@@ -121,8 +121,13 @@ def test_save_and_load_give_equal_outputs(llama_dir, experts, tmp_path, tokens):
 def test_bad_input(llama_dir, gpt2_dir, experts, tokens):
     with pytest.raises(ConfigError, match="at least two experts"):
         MixtureConfig(experts={"code": experts["code"]})
-    with pytest.raises(ConfigError, match="top_k"):
-        MixtureConfig(experts=experts, top_k=3)
+    for top_k in (3, 0, True, 1.0):
+        with pytest.raises(ConfigError, match="top_k"):
+            MixtureConfig(experts=experts, top_k=top_k)
+    for load_balance in (float("nan"), float("inf"), -0.1, True, "0.01"):
+        with pytest.raises(ConfigError, match="load_balance must be a finite number ≥ 0"):
+            MixtureConfig(experts=experts, load_balance=load_balance)
+    MixtureConfig(experts=experts, load_balance=0)
     gpt2 = load(gpt2_dir)
     with pytest.raises(IncompatibleAdapterError):  # experts made for another base
         lorakit.add_mixture(gpt2, MixtureConfig(experts=experts))

@@ -11,6 +11,7 @@ collapse onto one expert. Building, saving and loading a mixture: lorakit.compos
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,12 +49,15 @@ class MixtureConfig:
         for name in self.experts:
             if not isinstance(name, str) or not name or "." in name:
                 raise ConfigError(f"expert names must be non-empty strings without dots, got {name!r}")
-        if self.top_k is not None and not (isinstance(self.top_k, int) and 1 <= self.top_k <= len(self.experts)):
+        if self.top_k is not None and not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
+                                           and 1 <= self.top_k <= len(self.experts)):
             raise ConfigError(f"top_k must be None or an integer from 1 to {len(self.experts)} (the experts), got {self.top_k!r}")
         if self.router != "token":
             raise ConfigError(f"router must be 'token' (per-token routing), got {self.router!r}")
-        if not isinstance(self.load_balance, (int, float)) or self.load_balance < 0:
-            raise ConfigError(f"load_balance must be a number ≥ 0, got {self.load_balance!r}")
+        lb = self.load_balance
+        if not isinstance(lb, (int, float)) or isinstance(lb, bool) or not math.isfinite(lb) or lb < 0:
+            raise ConfigError(f"load_balance must be a finite number ≥ 0 (the weight of the load-balancing loss, e.g. "
+                              f"0.01), got {lb!r}")
 
     @property
     def method(self) -> str:
