@@ -298,3 +298,18 @@ def test_weights_are_any_real_number_and_density_no_bool(llama_dir, two_adapters
         with pytest.raises(ConfigError, match="0 < density ≤ 1"):
             lorakit.combine_adapters(model, WEIGHTS, method="ties", density=density, name="bad")
     lorakit.combine_adapters(model, WEIGHTS, method="ties", density=np.float32(0.5), name="np_density")
+
+
+def test_the_issues_example_command(llama_dir, two_adapters, tmp_path, tokens, cli):
+    """`lorakit combine a=DIR:0.6 b=DIR:0.4 --method ties --density 0.5 --out DIR`, as issue 9 writes it."""
+    out = tmp_path / "ab"
+    code, stdout, _ = cli("combine", f"a={two_adapters['a']}:0.6", f"b={two_adapters['b']}:0.4", "--method", "ties",
+                          "--density", "0.5", "--out", out)
+    assert code == 0 and f"written to {out}" in stdout
+    from_cli = lorakit.load_adapter(load(llama_dir), out)
+    model = _ours(llama_dir, two_adapters)
+    lorakit.combine_adapters(model, {"a": 0.6, "b": 0.4}, method="ties", density=0.5, name="ab")
+    with torch.no_grad():
+        expected = model(tokens).logits
+        torch.testing.assert_close(from_cli(tokens).logits, expected, atol=ATOL, rtol=0)
+        assert not torch.allclose(expected, load(llama_dir)(tokens).logits, atol=1e-3)  # it does change the output
