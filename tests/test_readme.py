@@ -13,3 +13,16 @@ def test_library_snippet_runs_as_written(builtin_cache, tmp_path, monkeypatch, c
     exec(compile(snippet, "README.md", "exec"), {})
     assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+\n", capsys.readouterr().out)
     assert (tmp_path / "out" / "chat" / "adapter_model.safetensors").exists()
+
+
+def test_no_table_is_printed_twice():
+    """Benchmark tables are pasted in by hand; a second paste of one (the serve_scale table once was) is a mistake."""
+    tables, current = [], []
+    for line in README.read_text().splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append("\n".join(current))
+            current = []
+    repeated = [t.splitlines()[0] for t in tables if tables.count(t) > 1 and len(t.splitlines()) > 3]
+    assert not repeated, f"tables printed twice in README.md: {repeated}"
