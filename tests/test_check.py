@@ -145,3 +145,59 @@ def test_a_registry_root_lists_its_broken_entries(llama_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 of 5 adapters can be served by lorakit" in out
     assert "junk" in out and "not valid JSON" in out and "adapter_model.safetensors is missing" in out
+
+
+def _residual_pissa(llama_dir, path):
+    model = load(llama_dir)
+    lorakit.inject(model, LoraConfig(r=2, target_modules=["q_proj"], init="pissa"))
+    return lorakit.save_adapter(model, path, residual_form=True)
+
+
+@pytest.mark.parametrize("kind,reason,fixed_by", [
+    ("bias", "biases (bias='lora_only')", None),
+    ("modules_to_save", "full copies of ['down_proj']", None),
+    ("pissa", "saved for a residual base", "pissa-to-lora"),
+    ("plain", None, None),
+])
+def test_lorakit_says_ok_exactly_when_the_server_serves(llama_dir, tmp_path, kind, reason, fixed_by):
+    """`check --for lorakit` and the server's store judge by one rule (lorakit.servable), with the same words."""
+    from lorakit.serve import AdapterStore
+
+    path = tmp_path / kind
+    if kind == "pissa":
+        _residual_pissa(llama_dir, path)
+    else:
+        config = {"bias": LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"),
+                  "modules_to_save": LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["down_proj"]),
+                  "plain": LoraConfig(r=2, target_modules=["q_proj"])}[kind]
+        saved(llama_dir, path, config)
+    _, found = check(path, "lorakit")
+    store = AdapterStore(load(llama_dir))
+    if reason is None:
+        assert found == [] and store.register("a", path)
+        return
+    assert len(found) == 1 and reason in found[0].what and found[0].fix == fixed_by
+    with pytest.raises(lorakit.errors.IncompatibleAdapterError) as refused:
+        store.register("a", path)
+    assert str(refused.value) == found[0].what
+    assert main(["check", str(path), "--for", "lorakit"]) == 1
+
+
+def test_lorakit_checks_the_layers_against_the_base(llama_dir, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = saved(llama_dir, tmp_path / "a", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    wide = tmp_path / "wide"
+    LlamaForCausalLM(LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=128)).save_pretrained(wide)
+    assert main(["check", str(path), "--for", "lorakit", "--base", str(llama_dir)]) == 0
+    assert "note" not in capsys.readouterr().out
+    assert main(["check", str(path), "--for", "lorakit", "--base", str(wide)]) == 1
+    out = capsys.readouterr().out
+    assert "no:" in out and "model.layers.0.self_attn.q_proj" in out and "64" in out and "96" in out
+    # by default, the base its config names when that is a local directory (here: the tiny Llama) ...
+    assert check(path, "lorakit")[1] == []
+    # ... and without one, the layers are not judged, which the report says
+    edit_config(path, base_model_name_or_path="someone/llama-7b")
+    assert main(["check", str(path), "--for", "lorakit"]) == 0
+    assert "not checked against a base model's (pass --base DIR" in capsys.readouterr().out

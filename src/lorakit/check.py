@@ -8,6 +8,7 @@ Only the config and the weights' header are read to check; a conversion reads th
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PEFT_LORA_KEYS, PEFT_MATH_KEYS
-from .errors import ConfigError, LorakitError
+from .errors import BaseModelError, ConfigError, LorakitError
 from .files import atomic_write, atomic_write_json
 from .io import (
     CONFIG_NAME,
@@ -26,11 +27,14 @@ from .io import (
     WEIGHTS_NAME,
     _read_config_json,
     canonical_key,
+    check_adapter_files,
     read_adapter_config,
     read_adapter_tensors,
     read_tensor_header,
     split_factor_key,
 )
+from .matching import logical_modules
+from .servable import refusals
 
 ENGINES = ("vllm", "lorax", "peft", "lorakit")
 # vLLM's --max-lora-rank accepts these; an adapter of rank r needs a server started with a choice >= r.
@@ -51,6 +55,8 @@ class Adapter:
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]  # canonical tensor key -> shape
     ranks: dict[str, int] = field(default_factory=dict)  # module -> rank (from lora_A's shape)
+    base: Path | None = None  # the model directory it was trained on, when known (--base, or its config's local path)
+    notes: list[str] = field(default_factory=list)  # what a check could not judge, said beside its verdict
 
     @property
     def peft_type(self) -> str:
@@ -208,11 +214,39 @@ def _peft(adapter: Adapter) -> list[Problem]:
 
 
 def _lorakit(adapter: Adapter) -> list[Problem]:
+    """The server's own rule (lorakit.servable, which its store refuses by); with a base, against its modules."""
     try:
-        read_adapter_config(adapter.path)
+        config = read_adapter_config(adapter.path)
+        modules = base_modules(adapter.base) if adapter.base is not None else None
+        files = check_adapter_files(adapter.path, modules=modules) if modules is not None else None
     except LorakitError as e:
         return [Problem(str(e))]
-    return []
+    if modules is None:
+        adapter.notes.append("its layers were not checked against a base model's (pass --base DIR to check them)")
+    return [Problem(r.what, INIT_FIXES.get(config.init, (None, None))[1] if r.residual else None)
+            for r in refusals(adapter.path, config, files, modules)]
+
+
+@functools.lru_cache(maxsize=4)
+def base_modules(base: Path) -> dict[str, Any]:
+    """The modules of the model in `base` by logical name, built from its config alone (meta device, no weights)."""
+    from .hf import meta_model
+
+    try:
+        return dict(logical_modules(meta_model(base)))
+    except (OSError, ValueError, KeyError) as e:
+        raise BaseModelError(f"cannot build the model of {base} from its config.json: {e}") from None
+
+
+def base_dir(adapter: Adapter, base: str | os.PathLike | None) -> Path | None:
+    """The base to check against: `base` when given, else the adapter config's base_model_name_or_path when that
+    is a local model directory."""
+    if base is not None:
+        return Path(base).resolve()
+    named = adapter.config.get("base_model_name_or_path")
+    if isinstance(named, str) and named and (Path(named) / "config.json").is_file():
+        return Path(named).resolve()
+    return None
 
 
 def servable_rank(adapter: Adapter) -> int | None:
@@ -288,12 +322,14 @@ register_conversion(Conversion("canonical-files", "PEFT's key spellings and conf
 # --- the command's work -------------------------------------------------------------------------------
 
 
-def check(path: str | os.PathLike, engine: str) -> tuple[Adapter | None, list[Problem]]:
-    """(the adapter, its problems for `engine`); a directory that cannot be read is one problem saying why."""
+def check(path: str | os.PathLike, engine: str, base: str | os.PathLike | None = None) -> tuple[Adapter | None, list[Problem]]:
+    """(the adapter, its problems for `engine`); a directory that cannot be read is one problem saying why. `base`
+    is the model directory it was trained on (default: its config's base_model_name_or_path, if that is local)."""
     try:
         adapter = read(path)
     except LorakitError as e:
         return None, [Problem(str(e))]
+    adapter.base = base_dir(adapter, base)
     return adapter, problems(adapter, engine)
 
 
@@ -317,13 +353,19 @@ def fix(adapter: Adapter, found: list[Problem], engine: str, out: str | os.PathL
     for name in dict.fromkeys(p.fix for p in found):
         _apply(CONVERSIONS[name], current, out, engine, base)
         applied.append(name)
-        current = read(out)
+        current = _reread(out, adapter)
     for name in dict.fromkeys(p.fix for p in problems(current, engine) if p.fix is not None):
         if name not in applied:  # e.g. AdaLoRA → LoRA leaves a rank_pattern for rank padding
             _apply(CONVERSIONS[name], current, out, engine, base)
             applied.append(name)
-            current = read(out)
+            current = _reread(out, adapter)
     return applied
+
+
+def _reread(out: Path, original: Adapter) -> Adapter:
+    current = read(out)
+    current.base = original.base
+    return current
 
 
 def _apply(conversion: Conversion, adapter: Adapter, out: Path, engine: str, base) -> None:
@@ -334,9 +376,10 @@ def _apply(conversion: Conversion, adapter: Adapter, out: Path, engine: str, bas
 
 
 def report(path: Path, adapter: Adapter | None, found: list[Problem], engine: str) -> str:
+    notes = [f"  note: {n}" for n in (adapter.notes if adapter is not None else [])]
     if not found:
         hint = f" (start vLLM with --max-lora-rank {servable_rank(adapter)} or more)" if engine == "vllm" else ""
-        return f"ok: {path} can be served by {engine}{hint}"
+        return "\n".join([f"ok: {path} can be served by {engine}{hint}"] + notes)
     lines = [f"no: {path} cannot be served by {engine}:"]
     for p in found:
         if p.fix is None:
@@ -344,5 +387,5 @@ def report(path: Path, adapter: Adapter | None, found: list[Problem], engine: st
         else:
             given = " with --base DIR" if p.fix in CONVERSIONS and CONVERSIONS[p.fix].needs_base else ""
             lines.append(f"  - {p.what} [fix: --fix{given} applies {p.fix}]")
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 

@@ -58,16 +58,17 @@ def _check(args) -> int:
     from .check import adapter_dirs, check, fix, report
     from .errors import ConfigError
 
+    base = None
     if args.base is not None:
         from .hf import resolve_base
 
-        resolve_base(args.base)  # a wrong --base is said before any adapter is read
+        base = resolve_base(args.base)  # a wrong --base is said before any adapter is read
     paths = [p for a in args.adapters for p in adapter_dirs(a)]
     if args.fix and (args.out is None or len(paths) != 1):
         raise ConfigError("--fix writes one adapter's servable copy: pass one adapter directory and --out DIR")
     bad = 0
     for path in paths:
-        adapter, found = check(path, args.engine)
+        adapter, found = check(path, args.engine, base=base)
         print(report(path, adapter, found, args.engine))
         if found and args.fix and adapter is not None:
             applied = fix(adapter, found, args.engine, args.out, base=args.base)
@@ -132,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--for", dest="engine", required=True, choices=["vllm", "lorax", "peft", "lorakit"])
     p.add_argument("--fix", action="store_true", help="write a copy the engine can serve (needs --out)")
     p.add_argument("--out", default=None, metavar="DIR", help="where --fix writes the copy")
-    p.add_argument("--base", default=None, metavar="DIR", help="the model the adapter was trained on, for conversions "
-                   "that need it (PiSSA/OLoRA -> plain LoRA)")
+    p.add_argument("--base", default=None, metavar="DIR", help="the model the adapter was trained on: its layers are "
+                   "checked against this model's config (default: the adapter config's base, when that is a local "
+                   "directory), and conversions that need it use it (PiSSA/OLoRA -> plain LoRA)")
     p.set_defaults(func=_check)
 
     p = sub.add_parser("demo", help="inject, train, save, reload and merge on a tiny built-in model")

@@ -70,6 +70,18 @@ def check_model_dir(path: str | os.PathLike, tokenizer: bool = False) -> Path:
     return path
 
 
+def meta_model(path: str | os.PathLike) -> nn.Module:
+    """The architecture of a local model directory (its config.json's class), with no weights: on the meta device,
+    for module names, types and shapes only. Nothing but config.json is read."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    with torch.device("meta"):
+        return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+
+
 def load_base_model(path: str | os.PathLike, task_type: str | None = "CAUSAL_LM", dtype: torch.dtype | str | None = None,
                     quantize: str | None = None, compute_dtype: torch.dtype | str | None = None,
                     double_quant: bool = True, **kwargs) -> nn.Module:

@@ -16,6 +16,7 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError, IncompatibleAdapterError
+from ..hf import meta_model
 from ..io import PREFIX, write_adapter_files
 from ..layers import layer_type
 from ..matching import match_targets, saved_target_modules
@@ -91,17 +92,6 @@ class _Checkpoint:
         return tuple(self.keys[key].get_slice(key).get_shape())
 
 
-def _meta_model(path: Path, config: dict):
-    """The architecture with no weights (meta device): for target matching and layer types only."""
-    import transformers
-
-    cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    with torch.device("meta"):
-        return cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
-
-
 @torch.no_grad()
 def extract_adapter(base: str | os.PathLike, tuned: str | os.PathLike, rank: int, out: str | os.PathLike,
                     targets: list[str] | str = "all-linear", progress: bool = True) -> ExtractReport:
@@ -118,7 +108,7 @@ def extract_adapter(base: str | os.PathLike, tuned: str | os.PathLike, rank: int
 
 def _extract(base_ck, tuned_ck, rank, out, targets, progress, base) -> ExtractReport:
     _check_same_architecture(base_ck, tuned_ck)
-    model = _meta_model(base_ck.path, base_ck.config)
+    model = meta_model(base_ck.path)
     config = LoraConfig(r=rank, alpha=rank, target_modules=targets, task_type=_task_type(base_ck.config),
                         base_model_name_or_path=str(base))
     names = match_targets(model, config, strict=True)

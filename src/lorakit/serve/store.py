@@ -30,7 +30,6 @@ from ..errors import (
     AdapterFileNotFoundError,
     AdapterNotFoundError,
     ConfigError,
-    IncompatibleAdapterError,
     LorakitError,
     MergeStateError,
 )
@@ -43,10 +42,9 @@ from ..io import (
     prepare_adapter,
     read_adapter_tensors,
 )
-from ..layers import layer_type
-from ..matching import base_of, logical_modules
+from ..matching import logical_modules
+from ..servable import require_servable
 from ..state import adapter_layers
-from ..variants.pissa import is_residual_init
 
 
 class AdapterPathError(AdapterFileError, PermissionError):
@@ -377,24 +375,7 @@ class AdapterStore:
     def _servable(self, path: Path):
         """The checked files of a pure LoRA adapter on per-row layers (checked against the module snapshot, no lock)."""
         files = check_adapter_files(path, modules=self._modules)
-        config = files.config
-        if is_residual_init(getattr(config, "init", "")):
-            raise IncompatibleAdapterError(
-                f"adapter {str(path)!r} is a {config.init} adapter saved for a residual base (init_lora_weights="
-                f"{config.init!r}); loading it would rewrite the shared base. Convert it once to the equivalent "
-                "plain LoRA: lorakit convert ADAPTER --to lora --base BASE --out DIR (lorakit.pissa_to_lora)"
-            )
-        if config.modules_to_save or config.bias != "none":
-            what = f"full copies of {config.modules_to_save}" if config.modules_to_save else f"biases (bias={config.bias!r})"
-            raise IncompatibleAdapterError(
-                f"adapter {str(path)!r} trains {what}, which would change the base shared by every request; "
-                "only pure LoRA adapters can be served side by side (merge this one into its own model instead)"
-            )
-        for module in files.modules:
-            ltype = layer_type(base_of(self._modules[module]))
-            if not ltype.per_row:
-                raise IncompatibleAdapterError(f"adapter {str(path)!r} adapts {module!r}, a {ltype.name} layer; "
-                                               "per-row serving supports Linear, GPT-2 Conv1D and Embedding layers")
+        require_servable(files, self._modules)  # the rule `lorakit check --for lorakit` reports by
         return files
 
 
