@@ -201,3 +201,20 @@ def test_lorakit_checks_the_layers_against_the_base(llama_dir, tmp_path, capsys)
     edit_config(path, base_model_name_or_path="someone/llama-7b")
     assert main(["check", str(path), "--for", "lorakit"]) == 0
     assert "not checked against a base model's (pass --base DIR" in capsys.readouterr().out
+
+
+def test_a_registry_root_lists_directories_without_a_config(llama_dir, tmp_path, capsys):
+    root = tmp_path / "root"
+    saved(llama_dir, root / "ok", LoraConfig(r=2, target_modules=["q_proj"]))
+    saved(llama_dir, root / "half", LoraConfig(r=2, target_modules=["q_proj"]))
+    (root / "half" / "adapter_config.json").unlink()  # only adapter_model.safetensors left
+    (root / "weights").mkdir()
+    shutil.copy(root / "ok" / "adapter_model.safetensors", root / "weights" / "model.safetensors")
+    (root / "logs").mkdir()
+    (root / "logs" / "train.txt").write_text("no weights here: not an entry")
+    assert main(["check", str(root), "--for", "lorakit"]) == 1
+    out = capsys.readouterr().out
+    assert "1 of 3 adapters can be served by lorakit" in out
+    for name in ("half", "weights"):
+        assert f"{root / name}/adapter_config.json is missing" in out
+    assert "logs" not in out

@@ -34,7 +34,7 @@ from .io import (
     split_factor_key,
 )
 from .matching import logical_modules
-from .servable import refusals
+from .servable import refusals, registry_dirs
 
 ENGINES = ("vllm", "lorax", "peft", "lorakit")
 # vLLM's --max-lora-rank accepts these; an adapter of rank r needs a server started with a choice >= r.
@@ -125,11 +125,12 @@ def read(path: str | os.PathLike) -> Adapter:
 
 
 def adapter_dirs(root: str | os.PathLike) -> list[Path]:
-    """`root` itself when it is an adapter directory, else every adapter directory under it (a registry root)."""
+    """`root` itself when it is an adapter directory, else every adapter directory under it (a registry root),
+    with the first-level directories that lack adapter_config.json (reported broken, as the server lists them)."""
     root = Path(root)
     if (root / CONFIG_NAME).exists() or not root.is_dir():
         return [root]
-    return sorted(p.parent for p in root.rglob(CONFIG_NAME))
+    return registry_dirs(root)
 
 
 # --- the checks ---------------------------------------------------------------------------------------

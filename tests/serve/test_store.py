@@ -342,3 +342,34 @@ def test_a_load_reads_its_files_without_the_model_lock(store, expected, monkeypa
     finish.set()
     loader.join()
     check(store, expected, "r8")
+
+
+def test_a_registry_root_lists_first_level_directories_without_a_config(llama, root, tmp_path, capsys):
+    """A half-copied adapter (weights but no adapter_config.json) is listed as broken, by the store and by the
+    server's GET /v1/adapters, instead of being skipped without a word; the rest serve."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from lorakit.serve.server import create_app
+
+    from ..conftest import tiny_tokenizer
+
+    reg = tmp_path / "registry"
+    shutil.copytree(root / "r4", reg / "r4")
+    shutil.copytree(root / "r2", reg / "half")
+    (reg / "half" / "adapter_config.json").unlink()  # only adapter_model.safetensors left
+    (reg / "weights").mkdir()
+    shutil.copy(root / "r8" / "adapter_model.safetensors", reg / "weights" / "model.safetensors")
+    (reg / "notes").mkdir()
+    (reg / "notes" / "README.md").write_text("not an adapter, not weights: not an entry")
+    s = AdapterStore(llama, root=reg)
+    broken = s.register_root()
+    assert sorted(broken) == ["half", "weights"] and s.names() == ["r4"]
+    assert all("adapter_config.json is missing" in why for why in broken.values())
+    app = create_app(llama, tokenizer=tiny_tokenizer(), adapter_root=reg, register_root=True)
+    assert "skipped adapter 'half'" in capsys.readouterr().err
+    listing = TestClient(app).get("/v1/adapters").json()
+    assert [a["id"] for a in listing["data"]] == ["r4"]
+    assert [b["id"] for b in listing["broken"]] == ["half", "weights"]
+    assert "adapter_config.json is missing" in listing["broken"][0]["reason"]

@@ -43,7 +43,7 @@ from ..io import (
     read_adapter_tensors,
 )
 from ..matching import logical_modules
-from ..servable import require_servable
+from ..servable import registry_dirs, require_servable
 from ..state import adapter_layers
 
 
@@ -148,12 +148,12 @@ class AdapterStore:
         if root is None:
             raise ConfigError("register_root() needs a root directory (or a store made with root=...)")
         broken: dict[str, str] = {}
-        for config in sorted(Path(root).rglob(CONFIG_NAME)):
-            name = config.parent.relative_to(root).as_posix()
+        for directory in registry_dirs(root):  # with first-level ones lacking adapter_config.json, to list as broken
+            name = directory.relative_to(root).as_posix()
             if name == ".":
                 continue
             try:
-                self.register(name, config.parent)
+                self.register(name, directory)
             except (LorakitError, OSError) as e:
                 broken[name] = f"{type(e).__name__}: {e}"
         self.broken.update(broken)
