@@ -218,3 +218,27 @@ def test_a_registry_root_lists_directories_without_a_config(llama_dir, tmp_path,
     for name in ("half", "weights"):
         assert f"{root / name}/adapter_config.json is missing" in out
     assert "logs" not in out
+
+
+def test_vllm_modules_are_judged_for_the_bases_architecture(llama_dir, gpt2_dir, tmp_path, capsys):
+    gpt2 = load(gpt2_dir)
+    lorakit.inject(gpt2, LoraConfig(r=4, target_modules=["c_attn", "c_proj"]))
+    gpt2_adapter = lorakit.save_adapter(gpt2, tmp_path / "gpt2")
+    _, found = check(gpt2_adapter, "vllm")  # its config names gpt2_dir, a local gpt2 model
+    assert len(found) == 1 and "vLLM's gpt2 model takes no LoRA adapters" in found[0].what and found[0].fix is None
+    assert check(gpt2_adapter, "lorax")[1] == []  # LoRAX keeps its own (all-architecture) list
+    llama = saved(llama_dir, tmp_path / "llama", LoraConfig(r=4, target_modules="all-linear"))
+    assert check(llama, "vllm")[1] == [] and read(llama).leaves() == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj", "down_proj"}
+    # a Llama adapter on GPT-2's module names (as if trained on another model): named against vLLM's Llama list
+    tensors = {k.replace("self_attn.q_proj", "self_attn.c_attn"): v
+               for k, v in load_file(llama / "adapter_model.safetensors").items()}
+    save_file(tensors, llama / "adapter_model.safetensors")
+    found = check(llama, "vllm")[1]
+    assert any("['c_attn'], which vLLM does not put LoRA on in llama models" in p.what for p in found)
+    # --base names the architecture for an adapter whose config names none that is local
+    edit_config(gpt2_adapter, base_model_name_or_path="openai-community/gpt2")
+    assert main(["check", str(gpt2_adapter), "--for", "vllm"]) == 0
+    assert "not checked against vLLM's LoRA modules for this architecture (base unknown" in capsys.readouterr().out
+    assert main(["check", str(gpt2_adapter), "--for", "vllm", "--base", str(gpt2_dir)]) == 1
+    assert "takes no LoRA adapters" in capsys.readouterr().out

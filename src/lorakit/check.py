@@ -9,6 +9,7 @@ Only the config and the weights' header are read to check; a conversion reads th
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,18 @@ SERVED_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
                   "gate_up_proj", "dense", "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj",
                   "c_fc", "fc1", "fc2", "out_proj", "wqkv", "wo", "w1", "w2", "w3", "embed_tokens", "lm_head"}
 EMBEDDINGS_AND_HEAD = {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings"}
+# vLLM's LoRA modules per base model_type: what its model class for that architecture adapts (the linear layers,
+# by their Hugging Face names and by the fused names its packed_modules_mapping gives them: q/k/v_proj -> qkv_proj,
+# gate/up_proj -> gate_up_proj) and its embedding_modules. Read from vllm/model_executor/models/{llama,qwen2}.py
+# and its registry (MistralForCausalLM runs on vLLM's LlamaForCausalLM). Other architectures are not judged here.
+_VLLM_DECODER = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
+VLLM_LORA_MODULES = {
+    "llama": _VLLM_DECODER | {"embed_tokens", "lm_head"},
+    "mistral": _VLLM_DECODER | {"embed_tokens", "lm_head"},
+    "qwen2": _VLLM_DECODER,  # its embedding_modules is empty: no LoRA on the embedding or the head
+}
+# Architectures whose vLLM model class takes no LoRA adapter at all (it does not implement SupportsLoRA).
+VLLM_WITHOUT_LORA = {"gpt2"}
 
 
 @dataclass
@@ -177,10 +190,6 @@ def _common(adapter: Adapter, engine: str) -> list[Problem]:
     for key, value in c.items():
         if key in PEFT_MATH_KEYS and value not in (None, False, [], {}, 0):
             found.append(Problem(f"it sets {key}={value!r} ({PEFT_MATH_KEYS[key]}), which {engine} does not support"))
-    odd = sorted(adapter.leaves() - SERVED_MODULES)
-    if odd:
-        found.append(Problem(f"it adapts modules {odd}, which {engine} does not put LoRA on in the architectures it "
-                             "supports (check its model's supported LoRA modules)"))
     if c.get("rank_pattern") or c.get("alpha_pattern") or len(set(adapter.ranks.values())) > 1:
         found.append(Problem(f"its layers have different ranks or scales (rank_pattern={c.get('rank_pattern') or {}}, "
                              f"alpha_pattern={c.get('alpha_pattern') or {}}); {engine} applies one rank and one "
@@ -189,14 +198,46 @@ def _common(adapter: Adapter, engine: str) -> list[Problem]:
 
 
 def _vllm(adapter: Adapter) -> list[Problem]:
-    found = _common(adapter, "vLLM")
+    found = _common(adapter, "vLLM") + _vllm_modules(adapter)
     if adapter.max_rank > VLLM_RANKS[-1]:
         found.append(Problem(f"its rank {adapter.max_rank} is above vLLM's largest --max-lora-rank, {VLLM_RANKS[-1]}"))
     return found
 
 
+def _vllm_modules(adapter: Adapter) -> list[Problem]:
+    """The adapted modules against vLLM's LoRA modules for the base's architecture, where that is known."""
+    model_type = base_model_type(adapter)
+    if model_type in VLLM_WITHOUT_LORA:
+        return [Problem(f"vLLM's {model_type} model takes no LoRA adapters (its model class does not implement "
+                        "SupportsLoRA); merge the adapter into the base (lorakit merge) and serve the merged model")]
+    if model_type in VLLM_LORA_MODULES:
+        odd = sorted(adapter.leaves() - VLLM_LORA_MODULES[model_type])
+        return [Problem(f"it adapts modules {odd}, which vLLM does not put LoRA on in {model_type} models (it "
+                        f"adapts {sorted(VLLM_LORA_MODULES[model_type])})")] if odd else []
+    adapter.notes.append("its target modules were not checked against vLLM's LoRA modules for this architecture ("
+                         + (f"model_type {model_type!r}" if model_type else "base unknown: pass --base DIR") + ")")
+    return _modules_no_engine_adapts(adapter, "vLLM")
+
+
+def _modules_no_engine_adapts(adapter: Adapter, engine: str) -> list[Problem]:
+    odd = sorted(adapter.leaves() - SERVED_MODULES)
+    return [Problem(f"it adapts modules {odd}, which {engine} does not put LoRA on in the architectures it supports "
+                    "(check its model's supported LoRA modules)")] if odd else []
+
+
+def base_model_type(adapter: Adapter) -> str | None:
+    """The model_type in the config.json of the adapter's base, when its base is known."""
+    if adapter.base is None:
+        return None
+    try:
+        model_type = json.loads((adapter.base / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
 def _lorax(adapter: Adapter) -> list[Problem]:
-    return _common(adapter, "LoRAX")
+    return _common(adapter, "LoRAX") + _modules_no_engine_adapts(adapter, "LoRAX")
 
 
 def _peft(adapter: Adapter) -> list[Problem]:
