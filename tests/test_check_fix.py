@@ -178,3 +178,17 @@ def test_where_no_conversion_exists_nothing_is_written(llama_dir, tmp_path, caps
     with pytest.raises(AdapterFileError, match="randomised SVD"):
         lorakit.pissa_to_lora(tmp_path / "niter", llama_dir, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_fix_with_nothing_to_fix_copies_the_adapter(llama_dir, tmp_path, tokens, cli):
+    """Scripted pipelines run `check --fix --out DIR` on every adapter and serve DIR: it is there either way."""
+    model = load(llama_dir)
+    lorakit.inject(model, LoraConfig(r=4, target_modules=TARGETS))
+    perturb(model)
+    path = lorakit.save_adapter(model, tmp_path / "plain")
+    code, out, _ = cli("check", path, "--for", "vllm", "--fix", "--out", tmp_path / "copy")
+    assert code == 0 and f"nothing to fix; copied to {tmp_path / 'copy'}" in out
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "copy" / name).read_bytes() == (path / name).read_bytes()
+    assert check(tmp_path / "copy", "vllm")[1] == []
+    torch.testing.assert_close(peft_logits(llama_dir, tmp_path / "copy", tokens), logits(model, tokens), atol=ATOL, rtol=0)

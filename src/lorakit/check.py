@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -402,6 +403,16 @@ def fix(adapter: Adapter, found: list[Problem], engine: str, out: str | os.PathL
             applied.append(name)
             current = _reread(out, adapter)
     return applied
+
+
+def copy_as_is(adapter: Adapter, out: str | os.PathLike) -> None:
+    """`--fix` on an adapter with nothing to fix: its files copied unchanged, so that a pipeline finds a servable
+    copy at --out either way."""
+    out = Path(out)
+    if out.resolve() == adapter.path.resolve():
+        return
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(adapter.path / name, tmp))
 
 
 def _reread(out: Path, original: Adapter) -> Adapter:

@@ -55,7 +55,7 @@ def _convert(args) -> int:
 
 def _check(args) -> int:
     from . import convert  # noqa: F401  (registers its conversions, adalora-to-lora and pissa-to-lora)
-    from .check import adapter_dirs, check, fix, report
+    from .check import adapter_dirs, check, copy_as_is, fix, report
     from .errors import ConfigError
 
     base = None
@@ -74,6 +74,9 @@ def _check(args) -> int:
             applied = fix(adapter, found, args.engine, args.out, base=args.base)
             print(f"wrote a copy that {args.engine} can serve to {args.out} ({', '.join(applied)})")
             continue
+        if args.fix and adapter is not None:  # a pipeline finds a servable copy at --out either way
+            copy_as_is(adapter, args.out)
+            print(f"nothing to fix; copied to {args.out}")
         bad += bool(found)
     if len(paths) > 1:
         print(f"{len(paths) - bad} of {len(paths)} adapters can be served by {args.engine}")
