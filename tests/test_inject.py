@@ -146,3 +146,16 @@ def test_embedding_target(llama, tokens):
     lorakit.inject(llama, LoraConfig(target_modules=["embed_tokens", "q_proj"]))
     assert "model.embed_tokens" in targeted(llama)
     assert torch.equal(llama(tokens).logits, before)
+
+
+def test_new_modules_take_the_mode_of_the_model(llama_dir, tokens):
+    """from_pretrained gives a model in eval mode; an adapter added to it must not run its dropout at inference."""
+    model = load(llama_dir)  # eval()
+    lorakit.inject(model, LoraConfig(r=4, dropout=0.5, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    randomise_lora(model)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, model(tokens).logits, atol=0, rtol=0)  # no dropout draws
+    model.train()
+    lorakit.inject(model, LoraConfig(r=4, dropout=0.5, target_modules=["k_proj"]), adapter="second")
+    assert all(m.training for m in model.modules())  # and one added while training trains with dropout

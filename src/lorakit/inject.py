@@ -83,7 +83,10 @@ def attach(model: nn.Module, built: Built, adapter: str, activate: bool = True, 
     state = get_state(model, create=True)
     config = built.config
     for name, adapter_object in built.objects:
-        _wrap(model, name).add_adapter(adapter, adapter=adapter_object)
+        layer = _wrap(model, name)
+        layer.add_adapter(adapter, adapter=adapter_object)
+        # New modules start in training mode: one added to a model in eval() mode would run its dropout at inference.
+        adapter_object.train(layer.training)
     for name in match_modules_to_save(model, config):
         _wrap_to_save(model, name).add_copy(adapter)
 
@@ -154,6 +157,7 @@ def _wrap(model: nn.Module, name: str) -> LoraLayer:
     if isinstance(module, LoraLayer):
         return module
     layer = LoraLayer(module)
+    layer.training = layer.adapters.training = module.training  # the new wrapper takes the mode of what it wraps
     replace_module(model, name, layer)
     return layer
 
@@ -163,5 +167,6 @@ def _wrap_to_save(model: nn.Module, name: str) -> ModulesToSave:
     if isinstance(module, ModulesToSave):
         return module
     wrapper = ModulesToSave(module)
+    wrapper.training = wrapper.modules_to_save.training = module.training
     replace_module(model, name, wrapper)
     return wrapper
