@@ -1,7 +1,8 @@
 """Adapters from elsewhere: adapter_config.json from other PEFT versions (unknown keys warned about once and ignored,
 math-changing keys refused by name) and tensor keys as other tools write them (no `base_model.model.` prefix, the
 adapter name inside keys, the inner model's names, compile/FSDP wrapper segments, raw modules_to_save dumps).
-Each crafted file loads to exactly the logits of the clean PEFT file."""
+Each crafted file loads to exactly the logits of the clean PEFT file. Unsloth's and axolotl's exports are written
+by PEFT itself, configured and patched as those tools do it, and load to the trained model's logits."""
 
 import json
 import warnings
@@ -112,3 +113,101 @@ def test_keys_that_change_the_math_are_refused_by_name(clean, tmp_path, key, val
     path = craft(clean[0], tmp_path / key, config=lambda c: {**c, key: value})
     with pytest.raises(AdapterFileError, match=key):
         lorakit.read_adapter_config(path)
+
+
+# --- files written by Unsloth and axolotl: both save through PEFT's save_pretrained, so they are crafted here with
+# PEFT itself, configured and patched as those tools do it ----------------------------------------------------------
+
+
+def peft_trained(llama_dir, config):
+    """A PEFT model with `config`, its factors (and saved copies) moved as by training."""
+    from peft import get_peft_model
+
+    model = get_peft_model(load(llama_dir), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def test_unsloth_export(llama_dir, tmp_path):
+    """Unsloth's FastLanguageModel.get_peft_model(r, target_modules, lora_alpha, lora_dropout=0, bias="none",
+    use_rslora, loftq_config=None) then model.save_pretrained(dir) or save_pretrained_merged(dir, tok,
+    save_method="lora"): PEFT's files, after unsloth_zoo's fix_lora_auto_mapping has put an auto_mapping block
+    (base_model_class, parent_library, unsloth_fixed) into the config."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel
+
+    config = PeftLoraConfig(r=8, lora_alpha=16, lora_dropout=0, bias="none", use_rslora=True, loftq_config={},
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                            task_type="CAUSAL_LM")
+    model = peft_trained(llama_dir, config)
+    model.peft_config["default"].auto_mapping = {"base_model_class": "LlamaForCausalLM",
+                                                 "parent_library": "transformers.models.llama.modeling_llama",
+                                                 "unsloth_fixed": True}
+    model.save_pretrained(tmp_path / "unsloth")
+    written = json.loads((tmp_path / "unsloth" / "adapter_config.json").read_text())
+    written["base_model_name_or_path"] = "unsloth/llama-3-8b-Instruct-bnb-4bit"  # its 4-bit base on the hub
+    (tmp_path / "unsloth" / "adapter_config.json").write_text(json.dumps(written, indent=2))
+    assert written["auto_mapping"]["unsloth_fixed"] is True and written["use_rslora"] is True
+    assert {"loftq_config", "megatron_config", "eva_config", "lora_bias", "exclude_modules",
+            "trainable_token_indices", "layer_replication"} <= set(written)  # the keys PEFT 0.21 writes with them
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key is one PEFT writes: nothing to warn about
+        got = logits(llama_dir, tmp_path / "unsloth", x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # the same files with 16-bit factors (a bf16 run's save): lorakit reads them as PEFT does
+    bf16 = craft(tmp_path / "unsloth", tmp_path / "bf16")
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(bf16 / "adapter_model.safetensors").items()},
+              bf16 / "adapter_model.safetensors", metadata={"format": "pt"})
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(load(llama_dir), bf16).eval()(x).logits
+    torch.testing.assert_close(logits(llama_dir, bf16, x), theirs, atol=1e-5, rtol=0)
+
+
+def axolotl_lora_config(**kw):
+    """axolotl's load_lora: target_modules as list(set(lora_target_modules + find_all_linear_names(model))), fan_in_fan_out
+    from lora_fan_in_fan_out (null when the YAML leaves it out), layers_to_transform/layers_pattern from peft_*,
+    modules_to_save from lora_modules_to_save, bias "none", task_type CAUSAL_LM."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # lora_target_linear: true
+    return PeftLoraConfig(r=8, lora_alpha=16, target_modules=list(set(linear)), layers_to_transform=None,
+                          layers_pattern=None, lora_dropout=0.05, fan_in_fan_out=None, modules_to_save=["lm_head"],
+                          bias="none", task_type="CAUSAL_LM", **kw)
+
+
+def test_axolotl_export(llama_dir, tmp_path):
+    """axolotl saves the trained PeftModel with model.save_pretrained(output_dir, safe_serialization=cfg.save_safetensors):
+    PEFT's safetensors files, with the config it built (fan_in_fan_out null) and a trained lm_head copy."""
+    model = peft_trained(llama_dir, axolotl_lora_config())
+    model.save_pretrained(tmp_path / "axolotl", safe_serialization=True)
+    written = json.loads((tmp_path / "axolotl" / "adapter_config.json").read_text())
+    assert written["fan_in_fan_out"] is None and written["modules_to_save"] == ["lm_head"]
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x).logits
+    torch.testing.assert_close(logits(llama_dir, tmp_path / "axolotl", x), expected, atol=1e-5, rtol=0)
+
+
+def test_axolotl_pickled_export_is_refused_with_the_way_out(llama_dir, tmp_path):
+    """Older axolotl runs (save_safetensors unset) wrote adapter_model.bin, a pickle: refused, with the one-line
+    conversion; converted that way it loads to PEFT's logits."""
+    from lorakit.errors import AdapterFileNotFoundError
+
+    model = peft_trained(llama_dir, axolotl_lora_config())
+    model.save_pretrained(tmp_path / "old", safe_serialization=False)
+    assert (tmp_path / "old" / "adapter_model.bin").exists()
+    assert not (tmp_path / "old" / "adapter_model.safetensors").exists()
+    with pytest.raises(AdapterFileNotFoundError, match=r"adapter_model.bin, a pickle, which lorakit never loads"):
+        lorakit.load_adapter(load(llama_dir), tmp_path / "old")
+    save_file(torch.load(tmp_path / "old" / "adapter_model.bin", weights_only=True),
+              tmp_path / "old" / "adapter_model.safetensors")
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(llama_dir, tmp_path / "old", x), model(x).logits, atol=1e-5, rtol=0)
