@@ -20,6 +20,13 @@ from safetensors.torch import save_file
 from .config import PEFT_LORA_KEYS, PEFT_MATH_KEYS
 from .errors import ConfigError, LorakitError
 from .files import atomic_write, atomic_write_json
+from .compose.mixture import (
+    adapter_and_mixture_dirs,
+    is_mixture_dir,
+    mixture_config,
+    read_mixture_config,
+    read_router_header,
+)
 from .io import (
     CONFIG_NAME,
     PREFIX,
@@ -51,13 +58,16 @@ class Adapter:
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]  # canonical tensor key -> shape
     ranks: dict[str, int] = field(default_factory=dict)  # module -> rank (from lora_A's shape)
+    experts: dict[str, "Adapter"] = field(default_factory=dict)  # a saved mixture's experts (config: mixture_config.json)
 
     @property
     def peft_type(self) -> str:
-        return str(self.config.get("peft_type", "LORA")).upper()
+        return "MIXTURE" if self.experts else str(self.config.get("peft_type", "LORA")).upper()
 
     @property
     def max_rank(self) -> int:
+        if self.experts:
+            return max(e.max_rank for e in self.experts.values())
         return max(self.ranks.values(), default=int(self.config.get("r", 0) or 0))
 
     def leaves(self) -> set[str]:
@@ -102,8 +112,19 @@ INIT_FIXES = {
 
 
 def read(path: str | os.PathLike) -> Adapter:
-    """The config and header of an adapter directory (errors name the file and what is wrong)."""
+    """The config and header of an adapter directory, or of a saved mixture and its experts (errors name the file
+    and what is wrong)."""
     path = Path(path)
+    if is_mixture_dir(path):
+        config = mixture_config(path)
+        experts = {}
+        for name, directory in config.experts.items():
+            try:
+                experts[name] = read(directory)
+            except LorakitError as e:
+                raise type(e)(f"mixture {str(path)!r}, expert {name!r}: {e}") from None
+        read_router_header(path)
+        return Adapter(path, read_mixture_config(path), {}, experts=experts)
     config = _read_config_json(path)
     shapes = {}
     for key, (shape, _) in read_tensor_header(path).items():
@@ -119,11 +140,12 @@ def read(path: str | os.PathLike) -> Adapter:
 
 
 def adapter_dirs(root: str | os.PathLike) -> list[Path]:
-    """`root` itself when it is an adapter directory, else every adapter directory under it (a registry root)."""
+    """`root` itself when it is an adapter directory or a saved mixture, else every adapter directory and mixture
+    under it (a registry root; a mixture's own experts are checked with it, not apart)."""
     root = Path(root)
-    if (root / CONFIG_NAME).exists() or not root.is_dir():
+    if (root / CONFIG_NAME).exists() or is_mixture_dir(root) or not root.is_dir():
         return [root]
-    return sorted(p.parent for p in root.rglob(CONFIG_NAME))
+    return adapter_and_mixture_dirs(root, CONFIG_NAME)
 
 
 # --- the checks ---------------------------------------------------------------------------------------
@@ -133,7 +155,20 @@ def problems(adapter: Adapter, engine: str) -> list[Problem]:
     """Why `engine` cannot serve `adapter` (empty: it can)."""
     if engine not in ENGINES:
         raise ConfigError(f"--for takes one of {', '.join(ENGINES)}, got {engine!r}")
+    if adapter.experts:
+        return _mixture(adapter, engine)
     return {"vllm": _vllm, "lorax": _lorax, "peft": _peft, "lorakit": _lorakit}[engine](adapter)
+
+
+def _mixture(adapter: Adapter, engine: str) -> list[Problem]:
+    """lorakit serves a saved mixture whose experts it serves; the others have no learned router."""
+    if engine != "lorakit":
+        name = {"vllm": "vLLM", "lorax": "LoRAX", "peft": "PEFT"}[engine]
+        return [Problem(f"it is a lorakit mixture of {len(adapter.experts)} LoRA experts with a learned router (each "
+                        f"layer weights the experts per token), which {name} does not have; serve it with lorakit "
+                        "serve, or serve its experts as plain adapters (or one combination of them: lorakit combine)")]
+    return [Problem(f"its expert {name!r}: {p.what}", p.fix) for name, expert in adapter.experts.items()
+            for p in _lorakit(expert)]
 
 
 def _common(adapter: Adapter, engine: str) -> list[Problem]:

@@ -132,6 +132,20 @@ def read_routers(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{file} is not a readable safetensors file ({e}); the file is corrupt or truncated") from None
 
 
+def read_router_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each router's (shape, safetensors dtype) from path/router.safetensors' header, without reading any data."""
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(path) / ROUTER_FILE
+    if not file.exists():
+        raise AdapterFileNotFoundError(f"{file} is missing: the mixture's routers were not saved (save_mixture writes them)")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{file} is not a readable safetensors file ({e}); the file is corrupt or truncated") from None
+
+
 def fill_routers(layers: dict[str, MixtureAdapter], routers: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Copy the routers read from `path` into the mixture's router objects, {layer name: object}; every layer needs one."""
     path = Path(path)
@@ -231,16 +245,7 @@ def check_mixture_files(path: str | os.PathLike, model: nn.Module | None = None,
 
 def _check_router_header(path: Path, config: MixtureConfig, experts: dict[str, AdapterFiles], modules) -> int:
     """Check router.safetensors' header against the experts' layers; the routers' bytes once loaded."""
-    from safetensors import SafetensorError, safe_open
-
-    file = path / ROUTER_FILE
-    if not file.exists():
-        raise AdapterFileNotFoundError(f"{file} is missing: the mixture's routers were not saved (save_mixture writes them)")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{file} is not a readable safetensors file ({e}); the file is corrupt or truncated") from None
+    file, header = path / ROUTER_FILE, read_router_header(path)
     layers = dict.fromkeys(m for files in experts.values() for m in files.modules)
     nbytes = 0
     for key, (shape, dtype) in sorted(header.items()):
