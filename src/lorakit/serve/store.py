@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ..adapters import active_adapters, adapter_rows, delete_adapter, is_merged, set_active
-from ..compose.mixture import CONFIG_FILE as MIXTURE_CONFIG
 from ..compose.mixture import (
+    CONFIG_FILE as MIXTURE_CONFIG,
     ROUTER_FILE,
     MixtureFiles,
     adapter_and_mixture_dirs,
