@@ -242,3 +242,28 @@ def test_vllm_modules_are_judged_for_the_bases_architecture(llama_dir, gpt2_dir,
     assert "not checked against vLLM's LoRA modules for this architecture (base unknown" in capsys.readouterr().out
     assert main(["check", str(gpt2_adapter), "--for", "vllm", "--base", str(gpt2_dir)]) == 1
     assert "takes no LoRA adapters" in capsys.readouterr().out
+
+
+def test_a_saved_mixture_is_servable_by_lorakit_only(llama_dir, tmp_path, capsys):
+    """One entry (its experts checked with it, not listed apart): lorakit serves it, the others have no learned router."""
+    experts = {name: str(saved(llama_dir, tmp_path / "src" / name, LoraConfig(r=4, target_modules=targets)))
+               for name, targets in (("code", ["q_proj"]), ("chat", ["v_proj"]))}
+    model = lorakit.add_mixture(load(llama_dir), lorakit.MixtureConfig(experts=experts))
+    mix = lorakit.save_mixture(model, tmp_path / "root" / "mix")
+    saved(llama_dir, tmp_path / "root" / "plain", LoraConfig(r=4, target_modules=["q_proj"]))
+    assert check(mix, "lorakit")[1] == []
+    assert main(["check", str(mix), "--for", "lorakit"]) == 0
+    assert f"ok: {mix} can be served by lorakit" in capsys.readouterr().out
+    for engine in ("vllm", "lorax", "peft"):
+        _, found = check(mix, engine)
+        assert len(found) == 1 and "learned router" in found[0].what and found[0].fix is None
+        assert main(["check", str(mix), "--for", engine]) == 1
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "root"), "--for", "lorakit"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 adapters" in out and "/experts/" not in out  # the mixture and the plain adapter
+    with pytest.raises(ConfigError, match="learned router"):
+        fix(read(mix), check(mix, "vllm")[1], "vllm", tmp_path / "fixed")
+    shutil.rmtree(mix / "experts" / "chat")
+    _, found = check(mix, "lorakit")
+    assert len(found) == 1 and "expert 'chat'" in found[0].what and "experts/chat" in found[0].what

@@ -23,6 +23,13 @@ from safetensors.torch import save_file
 from .config import PEFT_LORA_KEYS, PEFT_MATH_KEYS
 from .errors import BaseModelError, ConfigError, LorakitError
 from .files import atomic_write, atomic_write_json
+from .compose.mixture import (
+    adapter_and_mixture_dirs,
+    is_mixture_dir,
+    mixture_config,
+    read_mixture_config,
+    read_router_header,
+)
 from .io import (
     CONFIG_NAME,
     PREFIX,
@@ -69,15 +76,18 @@ class Adapter:
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]  # canonical tensor key -> shape
     ranks: dict[str, int] = field(default_factory=dict)  # module -> rank (from lora_A's shape)
+    experts: dict[str, "Adapter"] = field(default_factory=dict)  # a saved mixture's experts (config: mixture_config.json)
     base: Path | None = None  # the model directory it was trained on, when known (--base, or its config's local path)
     notes: list[str] = field(default_factory=list)  # what a check could not judge, said beside its verdict
 
     @property
     def peft_type(self) -> str:
-        return str(self.config.get("peft_type", "LORA")).upper()
+        return "MIXTURE" if self.experts else str(self.config.get("peft_type", "LORA")).upper()
 
     @property
     def max_rank(self) -> int:
+        if self.experts:
+            return max(e.max_rank for e in self.experts.values())
         return max(self.ranks.values(), default=int(self.config.get("r", 0) or 0))
 
     def leaves(self) -> set[str]:
@@ -122,8 +132,19 @@ INIT_FIXES = {
 
 
 def read(path: str | os.PathLike) -> Adapter:
-    """The config and header of an adapter directory (errors name the file and what is wrong)."""
+    """The config and header of an adapter directory, or of a saved mixture and its experts (errors name the file
+    and what is wrong)."""
     path = Path(path)
+    if is_mixture_dir(path):
+        config = mixture_config(path)
+        experts = {}
+        for name, directory in config.experts.items():
+            try:
+                experts[name] = read(directory)
+            except LorakitError as e:
+                raise type(e)(f"mixture {str(path)!r}, expert {name!r}: {e}") from None
+        read_router_header(path)
+        return Adapter(path, read_mixture_config(path), {}, experts=experts)
     config = _read_config_json(path)
     shapes = {}
     for key, (shape, _) in read_tensor_header(path).items():
@@ -139,12 +160,13 @@ def read(path: str | os.PathLike) -> Adapter:
 
 
 def adapter_dirs(root: str | os.PathLike) -> list[Path]:
-    """`root` itself when it is an adapter directory, else every adapter directory under it (a registry root),
-    with the first-level directories that lack adapter_config.json (reported broken, as the server lists them)."""
+    """`root` itself when it is an adapter directory or a saved mixture, else every adapter directory and mixture
+    under it (a registry root; a mixture's own experts are checked with it, not apart), with the first-level
+    directories that hold weights but no adapter_config.json (reported broken, as the server lists them)."""
     root = Path(root)
-    if (root / CONFIG_NAME).exists() or not root.is_dir():
+    if (root / CONFIG_NAME).exists() or is_mixture_dir(root) or not root.is_dir():
         return [root]
-    return registry_dirs(root)
+    return registry_dirs(root, adapter_and_mixture_dirs(root, CONFIG_NAME))
 
 
 # --- the checks ---------------------------------------------------------------------------------------
@@ -154,7 +176,22 @@ def problems(adapter: Adapter, engine: str) -> list[Problem]:
     """Why `engine` cannot serve `adapter` (empty: it can)."""
     if engine not in ENGINES:
         raise ConfigError(f"--for takes one of {', '.join(ENGINES)}, got {engine!r}")
+    if adapter.experts:
+        return _mixture(adapter, engine)
     return {"vllm": _vllm, "lorax": _lorax, "peft": _peft, "lorakit": _lorakit}[engine](adapter)
+
+
+def _mixture(adapter: Adapter, engine: str) -> list[Problem]:
+    """lorakit serves a saved mixture whose experts it serves; the others have no learned router."""
+    if engine != "lorakit":
+        name = {"vllm": "vLLM", "lorax": "LoRAX", "peft": "PEFT"}[engine]
+        return [Problem(f"it is a lorakit mixture of {len(adapter.experts)} LoRA experts with a learned router (each "
+                        f"layer weights the experts per token), which {name} does not have; serve it with lorakit "
+                        "serve, or serve its experts as plain adapters (or one combination of them: lorakit combine)")]
+    found = [Problem(f"its expert {name!r}: {p.what}", p.fix) for name, expert in adapter.experts.items()
+             for p in _lorakit(expert)]
+    adapter.notes.extend(dict.fromkeys(n for expert in adapter.experts.values() for n in expert.notes))
+    return found
 
 
 def _common(adapter: Adapter, engine: str) -> list[Problem]:
@@ -373,6 +410,8 @@ def check(path: str | os.PathLike, engine: str, base: str | os.PathLike | None =
     except LorakitError as e:
         return None, [Problem(str(e))]
     adapter.base = base_dir(adapter, base)
+    for expert in adapter.experts.values():  # a mixture's experts are checked against its base
+        expert.base = adapter.base or base_dir(expert, None)
     return adapter, problems(adapter, engine)
 
 

@@ -14,7 +14,6 @@ from typing import Any
 from torch import nn
 
 from .errors import IncompatibleAdapterError
-from .io import CONFIG_NAME
 from .layers import layer_type
 from .matching import base_of
 from .variants.pissa import is_residual_init
@@ -57,12 +56,12 @@ def require_servable(files: Any, modules: dict[str, nn.Module]) -> None:
         raise IncompatibleAdapterError(found[0].what)
 
 
-def registry_dirs(root: str | Path) -> list[Path]:
-    """The directories a registry root offers: each one holding adapter_config.json, at any depth, and each
-    first-level directory that holds weights (*.safetensors, adapter_model.*) but no adapter_config.json anywhere
-    inside it, a half-copied adapter: listed so that it is reported broken rather than silently skipped."""
+def registry_dirs(root: str | Path, entries: list[Path]) -> list[Path]:
+    """The directories a registry root offers: its `entries` (the adapter directories and saved mixtures found under
+    it) and each first-level directory that holds weights (*.safetensors, adapter_model.*) but no entry, a
+    half-copied adapter: listed so that it is reported broken rather than silently skipped."""
     root = Path(root)
-    found = {config.parent for config in root.rglob(CONFIG_NAME)}
+    found = set(entries)
     covered = {p.relative_to(root).parts[0] for p in found if p != root}
     for entry in root.iterdir():
         if entry.is_dir() and not entry.name.startswith(".") and entry.name not in covered and _holds_weights(entry):

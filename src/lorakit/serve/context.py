@@ -8,6 +8,7 @@ import time
 
 from fastapi import Request
 
+from ..compose.mixture import is_mixture_dir, mixture_config
 from ..errors import IncompatibleAdapterError
 from ..io import read_adapter_config
 from . import mixes
@@ -75,8 +76,12 @@ def check_rank(store: AdapterStore, name: str, limit: int | None) -> None:
     """vLLM's --max-lora-rank: an adapter of a higher rank is refused, with its rank (the caller unregisters it)."""
     if limit is None:
         return
-    config = read_adapter_config(store.path(name))
-    rank = max([config.r, *config.rank_pattern.values()])
-    if rank > limit:
-        raise IncompatibleAdapterError(f"adapter {name!r} has rank {rank}, above --max-lora-rank {limit}; raise the "
-                                       "limit or serve an adapter of lower rank")
+    path = store.path(name)
+    experts = mixture_config(path).experts if is_mixture_dir(path) else {None: path}
+    for expert, directory in experts.items():  # a mixture's experts each have their own rank
+        config = read_adapter_config(directory)
+        rank = max([config.r, *config.rank_pattern.values()])
+        if rank > limit:
+            which = f"adapter {name!r}" + (f" (its expert {expert!r})" if expert is not None else "")
+            raise IncompatibleAdapterError(f"{which} has rank {rank}, above --max-lora-rank {limit}; raise the "
+                                           "limit or serve an adapter of lower rank")

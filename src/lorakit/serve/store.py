@@ -7,6 +7,10 @@ eviction, so requests for adapters already loaded never wait for one. A load rea
 without the model lock, builds the adapter and copies it into free per-row slots (lorakit.rows) without it too;
 only attaching it and publishing its slots (no copy) take the lock. A load costs the adapter's own size however
 many are loaded, and forward passes run meanwhile.
+
+A saved mixture of LoRAs (lorakit.save_mixture's directory) is one name too: its experts are loaded with it as
+internal adapters named `<its model name>/<expert>` (no registered name can be one), counted in its bytes and
+deleted with it; its rows run per row beside the others (rows.py's fallback for adapters without slots).
 """
 
 from __future__ import annotations
@@ -24,6 +28,17 @@ import torch
 from torch import nn
 
 from ..adapters import active_adapters, adapter_rows, delete_adapter, is_merged, set_active
+from ..compose.mixture import (
+    CONFIG_FILE as MIXTURE_CONFIG,
+    ROUTER_FILE,
+    MixtureFiles,
+    adapter_and_mixture_dirs,
+    check_mixture_files,
+    commit_mixture,
+    discard_mixture,
+    is_mixture_dir,
+    prepare_mixture,
+)
 from ..errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -36,6 +51,7 @@ from ..errors import (
 from ..io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    AdapterFiles,
     check_adapter_files,
     commit_adapter,
     discard_adapter,
@@ -75,6 +91,7 @@ class _Entry:
     path: Path
     nbytes: int  # its tensors' bytes on the model (estimated from the file until loaded)
     model_name: str | None = None  # its name on the model, set once it is fully loaded
+    parts: list[str] = field(default_factory=list)  # a mixture's experts' names on the model, loaded and deleted with it
     pins: int = 0
     loading: "_Loading | None" = None
 
@@ -119,9 +136,9 @@ class AdapterStore:
     # -- registry --
 
     def register(self, name: str, path: str | Path) -> bool:
-        """Make the adapter at `path` available as `name` (loaded on first use). Checks now that the path is
-        inside the root and that the files are a LoRA adapter that fits this base. Returns False when `name`
-        is already registered for the same directory."""
+        """Make the adapter (or saved mixture) at `path` available as `name` (loaded on first use). Checks now that
+        the path is inside the root and that the files are a LoRA adapter (or a mixture of them) that fits this base.
+        Returns False when `name` is already registered for the same directory."""
         if not isinstance(name, str) or not name:
             raise ConfigError(f"adapter names must be non-empty strings, got {name!r}")
         resolved = self._resolve(path)
@@ -141,14 +158,16 @@ class AdapterStore:
         return True
 
     def register_root(self, root: str | Path | None = None) -> dict[str, str]:
-        """Register every adapter directory under `root` (default: the store's root) by its relative path, e.g.
-        `team/chat`. Broken ones are skipped and returned (also kept in `self.broken`) as {name: reason}: one
-        bad directory among thousands must not keep the others from serving."""
+        """Register every adapter directory and saved mixture under `root` (default: the store's root) by its relative
+        path, e.g. `team/chat` (a mixture's own experts are part of it, not registered apart). Broken ones are skipped
+        and returned (also kept in `self.broken`) as {name: reason}: one bad directory among thousands must not keep
+        the others from serving."""
         root = Path(root) if root is not None else self.root
         if root is None:
             raise ConfigError("register_root() needs a root directory (or a store made with root=...)")
         broken: dict[str, str] = {}
-        for directory in registry_dirs(root):  # with first-level ones lacking adapter_config.json, to list as broken
+        # with the first-level directories that hold weights but no adapter_config.json, to list as broken
+        for directory in registry_dirs(root, adapter_and_mixture_dirs(root, CONFIG_NAME)):
             name = directory.relative_to(root).as_posix()
             if name == ".":
                 continue
@@ -166,9 +185,8 @@ class AdapterStore:
             if entry.pins:
                 raise AdapterInUseError(f"adapter {name!r} is in use by {entry.pins} running request(s); retry when they finish")
             del self._entries[name]
-            victim = self._forget(entry) if name in self._lru else None
-        if victim:
-            self._delete_from_model([victim])
+            victims = self._forget(entry) if name in self._lru else []
+        self._delete_from_model(victims)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -286,20 +304,22 @@ class AdapterStore:
                     f"({self._used_bytes:,} bytes; caps: max_loaded={self.max_loaded}, max_bytes={self.max_bytes}) "
                     "are all in use; retry when requests finish"
                 )
-            victims.append(self._forget(victim))
+            victims += self._forget(victim)
             self._stats.evictions += 1
         return victims
 
     def _over_cap(self, count: int, nbytes: int) -> bool:
         return (self.max_loaded is not None and count > self.max_loaded) or (self.max_bytes is not None and nbytes > self.max_bytes)
 
-    def _forget(self, entry: _Entry) -> str | None:
-        """Take a loaded entry out of the cache (lock held); returns its model name to delete."""
+    def _forget(self, entry: _Entry) -> list[str]:
+        """Take a loaded entry out of the cache (lock held); returns its names on the model to delete (a mixture's
+        experts after it; none while it is still loading)."""
         del self._lru[entry.name]
         self._used_bytes -= entry.nbytes
-        model_name, entry.model_name = entry.model_name, None
-        self._by_model_name.pop(model_name, None)
-        return model_name
+        model_names = [entry.model_name, *entry.parts] if entry.model_name is not None else []
+        self._by_model_name.pop(entry.model_name, None)
+        entry.model_name, entry.parts = None, []
+        return model_names
 
     def _unpin(self, entry: _Entry) -> None:
         with self._lock:
@@ -314,17 +334,22 @@ class AdapterStore:
             # Parameters made under a caller's inference_mode could never be used with autograd again.
             with torch.inference_mode(False):
                 # Built, filled and copied into free slots off the model; only attaching and publishing take the lock.
-                prepared = prepare_adapter(self.model, files, read_adapter_tensors(entry.path), model_name,
-                                           slot_capacity=self.max_loaded)
+                if isinstance(files, MixtureFiles):
+                    prepared = prepare_mixture(self.model, files, model_name, slot_capacity=self.max_loaded)
+                    commit, discard, parts = commit_mixture, discard_mixture, prepared.expert_names
+                else:
+                    prepared = prepare_adapter(self.model, files, read_adapter_tensors(entry.path), model_name,
+                                               slot_capacity=self.max_loaded)
+                    commit, discard, parts = commit_adapter, discard_adapter, []
                 with self.model_lock:
                     if is_merged(self.model):
-                        discard_adapter(prepared)
+                        discard(prepared)
                         raise MergeStateError("the model has merged adapters; call lorakit.unmerge(model) before serving adapters")
                     active = active_adapters(self.model)
-                    commit_adapter(self.model, prepared, activate=False)
+                    commit(self.model, prepared, activate=False)
                     if active_adapters(self.model) != active:  # loading never changes what a plain forward runs
                         set_active(self.model, active)
-            nbytes = _adapter_bytes(self.model, model_name)
+            nbytes = sum(_adapter_bytes(self.model, m) for m in [model_name, *parts])
         except BaseException as e:
             with self._lock:
                 self._lru.pop(entry.name, None)
@@ -336,7 +361,7 @@ class AdapterStore:
             raise
         with self._lock:  # publish: from here on, acquire() hands out the complete adapter
             self._used_bytes += nbytes - entry.nbytes
-            entry.nbytes, entry.model_name, entry.loading = nbytes, model_name, None
+            entry.nbytes, entry.model_name, entry.parts, entry.loading = nbytes, model_name, parts, None
             self._by_model_name[model_name] = entry
             self._stats.loads += 1
         loading.done.set()
@@ -357,7 +382,8 @@ class AdapterStore:
             path = self.root / path
         resolved = path.resolve()
         if self.root is not None:
-            for p in (resolved, (resolved / CONFIG_NAME).resolve(), (resolved / WEIGHTS_NAME).resolve()):
+            files = (CONFIG_NAME, WEIGHTS_NAME, MIXTURE_CONFIG, ROUTER_FILE)
+            for p in (resolved, *((resolved / f).resolve() for f in files)):
                 if not p.is_relative_to(self.root):
                     raise AdapterPathError(
                         f"adapter path {str(path)!r} resolves to {p}, outside the adapter root {self.root}; "
@@ -372,8 +398,15 @@ class AdapterStore:
             raise StoreFullError(f"adapter {str(path)!r} needs {files.nbytes:,} bytes, more than the store's max_bytes={self.max_bytes:,}")
         return files.nbytes
 
-    def _servable(self, path: Path):
-        """The checked files of a pure LoRA adapter on per-row layers (checked against the module snapshot, no lock)."""
+    def _servable(self, path: Path) -> AdapterFiles | MixtureFiles:
+        """The checked files of a pure LoRA adapter on per-row layers, or of a mixture of such experts, each inside
+        the root (checked against the module snapshot, no lock)."""
+        if is_mixture_dir(path):
+            return check_mixture_files(path, modules=self._modules,
+                                       check_expert=lambda d: self._servable_adapter(self._resolve(d)))
+        return self._servable_adapter(path)
+
+    def _servable_adapter(self, path: Path) -> AdapterFiles:
         files = check_adapter_files(path, modules=self._modules)
         require_servable(files, self._modules)  # the rule `lorakit check --for lorakit` reports by
         return files

@@ -94,10 +94,14 @@ class MixtureAdapter(nn.Module):
 
     @classmethod
     def create(cls, config: MixtureConfig, base: nn.Module, ltype: LayerType, name: str, shared=None) -> "MixtureAdapter":
+        return cls(cls.router_width(ltype, base), list(config.experts), config.top_k, adapter_dtype(base.weight.dtype),
+                   base.weight.device)
+
+    @staticmethod
+    def router_width(ltype: LayerType, base: nn.Module) -> int:
+        """The features the router reads: the layer's input, or for an embedding (whose input is token ids) its output."""
         in_f, out_f = ltype.features(base)
-        # An embedding's input is token ids: its router reads the embedding's output instead.
-        width = out_f if ltype.takes_ids else in_f
-        return cls(width, list(config.experts), config.top_k, adapter_dtype(base.weight.dtype), base.weight.device)
+        return out_f if ltype.takes_ids else in_f
 
     def attach(self, layer) -> None:
         pass
