@@ -126,6 +126,22 @@ def test_merge_utils_against_the_formulas():
     torch.testing.assert_close(ties, expected)
 
 
+def test_magnitude_prune_keeps_the_k_largest_like_top_k():
+    from lorakit.compose.combine import _keep_largest
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 16, generator=g)
+    for density in (0.1, 0.5, 0.9):
+        k = int(density * t.numel())
+        top = torch.zeros(t.numel())
+        top[torch.topk(t.abs().reshape(-1), k).indices] = 1
+        assert torch.equal(_keep_largest(t, density), t * top.view(t.shape))  # PEFT's definition
+    assert torch.equal(_keep_largest(t, 0.0001), torch.zeros_like(t))  # k = 0 keeps nothing
+    zeros_b = torch.cat([torch.zeros(500), torch.randn(100, generator=g)])  # a freshly initialised B: mostly 0
+    kept = _keep_largest(zeros_b, 0.5)
+    assert torch.equal(kept[500:], zeros_b[500:]) and not kept[:500].any()
+
+
 def test_result_is_an_ordinary_adapter(llama_dir, two_adapters, tmp_path, tokens):
     from peft import PeftModel
 
