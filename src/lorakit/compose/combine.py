@@ -58,21 +58,12 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], method: str = 
     """Add adapter `name`: the adapters in `weights` ({name: weight}, weights may be negative) combined by `method`."""
     weights = _check_arguments(model, weights, method, name, density, rank, majority_sign)
     layers = _parts_per_layer(model, weights, method)
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    base = method.removesuffix("_svd")
     # The random methods draw from the global generator, in PEFT's order (layer by layer, A's then B's), inside
     # fork_rng so that the caller's random state is left as it was (the new adapter's throwaway init too).
     with torch.random.fork_rng(devices=seeded_gpus()):
         torch.manual_seed(seed)
-        for layer_name, parts in layers.items():
-            if method == "cat":
-                factors[layer_name] = _cat(parts)
-            elif method in FACTOR_METHODS:
-                factors[layer_name] = _per_factor(parts, method, density, majority_sign)
-            elif method == "svd":
-                factors[layer_name] = _svd_of_sum(parts, rank)
-            else:
-                factors[layer_name] = _svd_of_merged_deltas(parts, base, density, majority_sign, rank)
+        factors = {layer_name: _combine_layer(parts, method, density, majority_sign, rank)
+                   for layer_name, parts in layers.items()}
         inject(model, _combined_config(model, weights, factors), adapter=name, activate=activate)
     for layer_name, layer, adapter in adapter_layers(model, name):
         A, B = factors[layer_name]
@@ -188,6 +179,17 @@ def check_same_layers(method: str, adapted: dict[str, set[str]], layers: dict[st
 # --- the methods -------------------------------------------------------------------------------------
 
 
+def _combine_layer(parts, method, density, majority_sign, rank) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's combined (A, B) by `method` (dict order of the layers fixes the random methods' draws)."""
+    if method == "cat":
+        return _cat(parts)
+    if method in FACTOR_METHODS:
+        return _per_factor(parts, method, density, majority_sign)
+    if method == "svd":
+        return _svd_of_sum(parts, rank)
+    return _svd_of_merged_deltas(parts, method.removesuffix("_svd"), density, majority_sign, rank)
+
+
 def _cat(parts: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p.A * (p.weight * p.scale) for p in parts]), torch.cat([p.B for p in parts], dim=1)
 
@@ -287,18 +289,9 @@ def combine_adapter_files(sources: list[tuple[str, float]], out, method: str = "
     adapted = {str(path): {m for m, parts in layers.items() if str(path) in {p.source for p in parts}}
                for path, _ in sources}
     check_same_layers(method, adapted, layers)
-    factors = {}
     with torch.random.fork_rng(devices=seeded_gpus()):
         torch.manual_seed(seed)
-        for module, parts in layers.items():
-            if method == "cat":
-                factors[module] = _cat(parts)
-            elif method in FACTOR_METHODS:
-                factors[module] = _per_factor(parts, method, density, majority_sign)
-            elif method == "svd":
-                factors[module] = _svd_of_sum(parts, rank)
-            else:
-                factors[module] = _svd_of_merged_deltas(parts, method.removesuffix("_svd"), density, majority_sign, rank)
+        factors = {module: _combine_layer(parts, method, density, majority_sign, rank) for module, parts in layers.items()}
     tensors, ranks = {}, {}
     for module, (A, B) in factors.items():
         a_shape, b_shape = layers[module][0].shapes
