@@ -43,15 +43,16 @@ def train_demo(out: Path) -> Path:
 
 
 def held_out(run: Path, tokenizer):
-    """The run's own held-out set: same data, split, seed and length as it trained with (train_config.json)."""
-    from lorakit.train import data as data_mod
+    """The run's own held-out set, split by the training loop itself from the settings in train_config.json."""
+    import dataclasses
 
-    cfg = json.loads((run / "train_config.json").read_text())
-    if cfg.get("eval_data"):
-        return data_mod.load_causal_lm(cfg["eval_data"], tokenizer, cfg["max_length"])
-    ds = data_mod.load_causal_lm(cfg["data"], tokenizer, cfg["max_length"])
-    seed = cfg["seed"] if cfg.get("split_seed") is None else cfg["split_seed"]
-    return data_mod.split(ds, cfg["eval_fraction"], seed, cfg.get("max_eval"))[1]
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.loop import _load_data
+
+    saved = json.loads((run / "train_config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}  # older runs recorded a few more keys
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    return _load_data(config, tokenizer, say=lambda *a, **k: None)[1]
 
 
 def main(argv=None) -> int:
