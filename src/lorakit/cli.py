@@ -16,13 +16,18 @@ LATER_COMMANDS = (("lorakit.train.cli", "train", "train"), ("lorakit.train.gener
 
 
 def _inspect(args) -> int:
-    from .inspect import inspect_adapter
+    from .compose.mixture import EXPERTS_DIR, is_mixture_dir
+    from .errors import ConfigError
+    from .inspect import inspect_adapter, inspect_mixture
 
+    if is_mixture_dir(args.adapter):
+        if args.spectrum:
+            raise ConfigError(f"--spectrum takes one adapter; {args.adapter} is a saved mixture: give one of its "
+                              f"experts instead ({args.adapter}/{EXPERTS_DIR}/NAME)")
+        print(inspect_mixture(args.adapter, per_layer=not args.fast).format(layers=args.layers))
+        return 0
     report = inspect_adapter(args.adapter, per_layer=not args.fast)
-    print(report.format())
-    if args.layers:
-        for lr in report.layers:
-            print(f"  {lr.module:60s} r={lr.rank:<4d} effective={lr.effective_rank:<4d} |ΔW|={lr.norm:.4g}")
+    print(report.format(layers=args.layers))
     if args.spectrum:
         from pathlib import Path
 
@@ -96,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show an adapter's rank, alpha, targets, size and effective rank",
                        description="Show an adapter's rank, alpha, targets, parameter count, file size and, per "
-                                   "layer, how much of its rank the update really uses.")
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+                                   "layer, how much of its rank the update really uses. A saved mixture of LoRAs "
+                                   "shows its router settings and each expert so.")
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors), or a saved "
+                                   "mixture (mixture_config.json + router.safetensors + experts/)")
     p.add_argument("--layers", action="store_true", help="also list every layer")
     p.add_argument("--fast", action="store_true", help="skip the per-layer SVD")
     p.add_argument("--spectrum", action="store_true", help="each layer's share of ||ΔW||² kept at rank 1, 2, 4, ... "

@@ -1,13 +1,17 @@
-"""Look inside an adapter directory: rank, α, targets, sizes, and how much of its rank each layer really uses."""
+"""Look inside an adapter directory: rank, α, targets, sizes, and how much of its rank each layer really uses; or
+inside a saved mixture of LoRAs: its router settings and each expert as an adapter."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .compose.mixture import CONFIG_FILE as MIXTURE_CONFIG
+from .compose.mixture import ROUTER_FILE, mixture_config, naming_expert, read_mixture_config, read_router_header
 from .io import CONFIG_NAME, WEIGHTS_NAME, split_factor_key, read_adapter_config, read_adapter_tensors
 from .variants import adapter_class
 
@@ -38,7 +42,8 @@ class AdapterReport:
     note: str | None = None  # why there is no per-layer report
     num_layers: int = 0  # layers the file adapts
 
-    def format(self) -> str:
+    def format(self, layers: bool = False) -> str:
+        """The summary; with `layers`, one line per layer after it."""
         lines = [
             f"adapter        {self.path}",
             f"method         {self.method}",
@@ -56,6 +61,40 @@ class AdapterReport:
             lines.append(f"effective rank {min(used)}-{max(used)} of r (90% of singular-value energy), mean {sum(used)/len(used):.1f}")
         if self.note:
             lines.append(f"effective rank {self.note}")
+        if layers:
+            lines += [f"  {lr.module:60s} r={lr.rank:<4d} effective={lr.effective_rank:<4d} |ΔW|={lr.norm:.4g}"
+                      for lr in self.layers]
+        return "\n".join(lines)
+
+
+@dataclass
+class MixtureReport:
+    path: str
+    experts: dict[str, AdapterReport]  # in the order of the routers' outputs
+    top_k: int | None  # None: every expert, softmax-weighted
+    router: str  # what a routing decision is made for ("token")
+    load_balance: float
+    router_layers: int
+    router_parameters: int  # what trains (`train --mixture`): one row per expert at each layer an expert adapts
+    file_bytes: int  # mixture_config.json and router.safetensors; each expert's files are in its own report
+    task_type: str | None = None
+    base_model: str | None = None
+
+    def format(self, layers: bool = False) -> str:
+        """The mixture's summary, then each expert's (indented); with `layers`, each expert's layers too."""
+        top_k, n = "all" if self.top_k is None else self.top_k, len(self.experts)
+        lines = [
+            f"mixture        {self.path}",
+            f"base model     {self.base_model or 'unknown'}",
+            f"task           {self.task_type or 'unknown'}",
+            f"experts        {n}: {', '.join(self.experts)}",
+            f"router         per {self.router}, top_k {top_k} of {n}, load balance {self.load_balance:g}",
+            f"router layers  {self.router_layers}",
+            f"trainable      {self.router_parameters:,} router parameters (the experts are frozen)",
+            f"file size      {_human(self.file_bytes)}  (routers and config; the experts' below)",
+        ]
+        for name, report in self.experts.items():
+            lines += ["", f"expert {name}"] + ["  " + line for line in report.format(layers).splitlines()]
         return "\n".join(lines)
 
 
@@ -86,6 +125,24 @@ def inspect_adapter(path: str | os.PathLike, per_layer: bool = True) -> AdapterR
         file_bytes=(path / WEIGHTS_NAME).stat().st_size + (path / CONFIG_NAME).stat().st_size,
         dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}), layers=layers, note=note,
         num_layers=len(parts),
+    )
+
+
+def inspect_mixture(path: str | os.PathLike, per_layer: bool = True) -> MixtureReport:
+    """A saved mixture (lorakit.save_mixture's directory): its settings, its routers' sizes from the router file's
+    header (no tensor read), and each expert inspected as an adapter; errors name the mixture, the expert, the file."""
+    path = Path(path)
+    config, data = mixture_config(path), read_mixture_config(path)
+    routers = read_router_header(path)
+    experts = {}
+    for name, directory in config.experts.items():
+        with naming_expert(path, name):
+            experts[name] = inspect_adapter(directory, per_layer=per_layer)
+    return MixtureReport(
+        path=str(path), experts=experts, top_k=config.top_k, router=config.router, load_balance=config.load_balance,
+        router_layers=len(routers), router_parameters=sum(math.prod(shape) for shape, _ in routers.values()),
+        file_bytes=(path / MIXTURE_CONFIG).stat().st_size + (path / ROUTER_FILE).stat().st_size,
+        task_type=data.get("task_type"), base_model=data.get("base_model_name_or_path"),
     )
 
 

@@ -4,11 +4,12 @@ server does. The router and its math live in lorakit.variants.mixture."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from ..io import (
     load_adapter,
     load_checked,
     prepare_adapter,
+    read_adapter_config,
     read_adapter_tensors,
     save_adapter,
 )
@@ -189,6 +191,26 @@ def mixture_config(path: str | os.PathLike) -> MixtureConfig:
         raise AdapterFileError(f"{path / CONFIG_FILE}: {e}") from None
 
 
+def read_expert_configs(path: str | os.PathLike) -> dict:
+    """Each expert's adapter config (io.read_adapter_config), {name: config} in the routers' order; no tensor is read.
+    An error names the mixture, the expert and the file."""
+    configs = {}
+    for name, directory in mixture_config(path).experts.items():
+        with naming_expert(path, name):
+            configs[name] = read_adapter_config(directory)
+    return configs
+
+
+@contextlib.contextmanager
+def naming_expert(path: str | os.PathLike, name: str) -> Iterator[None]:
+    """Re-raise a lorakit error about one expert's files with the mixture and the expert in front: the expert's own
+    message names only its directory, which the user may never have seen (save_mixture copied it there)."""
+    try:
+        yield
+    except LorakitError as e:
+        raise type(e)(f"mixture {str(path)!r}, expert {name!r}: {e}") from None
+
+
 def is_mixture_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).exists()
 
@@ -231,10 +253,8 @@ def check_mixture_files(path: str | os.PathLike, model: nn.Module | None = None,
             return check_adapter_files(directory, modules=modules)
     experts: dict[str, AdapterFiles] = {}
     for name, directory in config.experts.items():
-        try:
+        with naming_expert(path, name):
             files = check_expert(Path(directory))
-        except LorakitError as e:
-            raise type(e)(f"mixture {str(path)!r}, expert {name!r}: {e}") from None
         if getattr(files.config, "modules_to_save", None):
             raise IncompatibleAdapterError(f"mixture {str(path)!r}: expert {name!r} ({directory}) trains full modules "
                                            f"{files.config.modules_to_save}; mixtures route LoRA-style experts only")

@@ -1,4 +1,5 @@
-"""`lorakit generate`: text from a base model with an adapter, or one adapter per prompt in one batch."""
+"""`lorakit generate`: text from a base model with an adapter (or a saved mixture of LoRAs), or one adapter per prompt
+in one batch."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def add_parser(sub) -> None:
                                    "template, as in /v1/chat/completions.")
     p.add_argument("--base", required=True, help="base model directory, or 'builtin'")
     p.add_argument("--adapter", action="append", default=[],
-                   help="adapter directory; give one for all prompts, or one per prompt ('base' = no adapter)")
+                   help="adapter directory or saved mixture of LoRAs; give one for all prompts, or one per prompt "
+                        "('base' = no adapter)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
     p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -35,8 +37,9 @@ def add_parser(sub) -> None:
 
 def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool = False, device: str | torch.device = "auto") -> list[str]:
-    from .. import load_adapter, read_adapter_config
+    from .. import load_adapter
     from ..chat import prompt_ids
+    from ..compose.mixture import check_mixture_files, commit_mixture, is_mixture_dir, prepare_mixture
     from ..hf import load_base_model, load_tokenizer, resolve_base
 
     device = resolve_device(device)  # first: a GPU that is not there is said before anything loads
@@ -45,7 +48,7 @@ def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens:
                           "prompts, or exactly one per prompt")
     base = resolve_base(base, tokenizer=True)
     real = [a for a in adapters if a.lower() not in BASE_WORDS]
-    configs = [read_adapter_config(a) for a in dict.fromkeys(real)]  # a bad adapter fails before the model loads
+    configs = [_first_config(a) for a in dict.fromkeys(real)]  # a bad adapter fails before the model loads
     tokenizer = load_tokenizer(base)
     if chat:  # the same tokens the server's /v1/chat/completions builds
         ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
@@ -55,7 +58,10 @@ def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens:
     names: dict[str, str] = {}
     for path in dict.fromkeys(real):
         names[path] = f"adapter{len(names)}"
-        load_adapter(model, path, adapter=names[path])
+        if is_mixture_dir(path):  # as the server loads one: its experts become `<name>/<expert>`, so two never clash
+            commit_mixture(model, prepare_mixture(model, check_mixture_files(path, model), names[path]))
+        else:
+            load_adapter(model, path, adapter=names[path])
     tokenizer.padding_side = "left"
     batch = to_device(tokenizer.pad({"input_ids": ids}, return_tensors="pt"), device)
     torch.manual_seed(seed)  # seeds the GPU's generator too: sampled text depends on the seed and the device
@@ -69,6 +75,17 @@ def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens:
     with torch.no_grad():
         out = model.generate(**batch, **kwargs)
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
+
+
+def _first_config(path: str):
+    """The adapter's config, or a mixture's first expert's (each expert's config is read, so that a broken one is
+    said before the model loads)."""
+    from ..compose.mixture import is_mixture_dir, read_expert_configs
+    from ..io import read_adapter_config
+
+    if is_mixture_dir(path):
+        return next(iter(read_expert_configs(path).values()))
+    return read_adapter_config(path)
 
 
 def run(args: argparse.Namespace) -> int:
