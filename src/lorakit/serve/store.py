@@ -11,6 +11,8 @@ many are loaded, and forward passes run meanwhile.
 A saved mixture of LoRAs (lorakit.save_mixture's directory) is one name too: its experts are loaded with it as
 internal adapters named `<its model name>/<expert>` (no registered name can be one), counted in its bytes and
 deleted with it; its rows run per row beside the others (rows.py's fallback for adapters without slots).
+
+Which directories may be served, and their files' checks, are adapter_dirs.py's.
 """
 
 from __future__ import annotations
@@ -28,43 +30,22 @@ import torch
 from torch import nn
 
 from ..adapters import active_adapters, adapter_rows, delete_adapter, is_merged, set_active
-from ..compose.mixture import (
-    CONFIG_FILE as MIXTURE_CONFIG,
-    ROUTER_FILE,
-    MixtureFiles,
-    adapter_and_mixture_dirs,
-    check_mixture_files,
-    commit_mixture,
-    discard_mixture,
-    is_mixture_dir,
-    prepare_mixture,
-)
+from ..compose.mixture import MixtureFiles, commit_mixture, discard_mixture, prepare_mixture
 from ..errors import (
     AdapterExistsError,
-    AdapterFileError,
     AdapterFileNotFoundError,
     AdapterNotFoundError,
     ConfigError,
     LorakitError,
     MergeStateError,
 )
-from ..io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    AdapterFiles,
-    check_adapter_files,
-    commit_adapter,
-    discard_adapter,
-    prepare_adapter,
-    read_adapter_tensors,
-)
+from ..io import AdapterFiles, commit_adapter, discard_adapter, prepare_adapter, read_adapter_tensors
 from ..matching import logical_modules
-from ..servable import registry_dirs, require_servable
 from ..state import adapter_layers
+from .adapter_dirs import AdapterPathError, registry_entries, resolve_in_root, servable_files
 
-
-class AdapterPathError(AdapterFileError, PermissionError):
-    """An adapter path outside the store's adapter root."""
+# AdapterPathError is raised by adapter_dirs.py's checks; it is still importable from here, where it was defined.
+__all__ = ["AdapterStore", "StoreStats", "AdapterInUseError", "StoreFullError", "AdapterPathError"]
 
 
 class AdapterInUseError(LorakitError, RuntimeError):
@@ -166,11 +147,7 @@ class AdapterStore:
         if root is None:
             raise ConfigError("register_root() needs a root directory (or a store made with root=...)")
         broken: dict[str, str] = {}
-        # with the first-level directories that hold weights but no adapter_config.json, to list as broken
-        for directory in registry_dirs(root, adapter_and_mixture_dirs(root, CONFIG_NAME)):
-            name = directory.relative_to(root).as_posix()
-            if name == ".":
-                continue
+        for name, directory in registry_entries(root).items():
             try:
                 self.register(name, directory)
             except (LorakitError, OSError) as e:
@@ -377,19 +354,7 @@ class AdapterStore:
     # -- checks --
 
     def _resolve(self, path: str | Path) -> Path:
-        path = Path(path)
-        if self.root is not None and not path.is_absolute():
-            path = self.root / path
-        resolved = path.resolve()
-        if self.root is not None:
-            files = (CONFIG_NAME, WEIGHTS_NAME, MIXTURE_CONFIG, ROUTER_FILE)
-            for p in (resolved, *((resolved / f).resolve() for f in files)):
-                if not p.is_relative_to(self.root):
-                    raise AdapterPathError(
-                        f"adapter path {str(path)!r} resolves to {p}, outside the adapter root {self.root}; "
-                        "put the adapter under the root (symbolic links out of it are refused too)"
-                    )
-        return resolved
+        return resolve_in_root(path, self.root)
 
     def _check_adapter(self, path: Path) -> int:
         """Refuse what is not an adapter servable on this base, with the reason; return its bytes once loaded."""
@@ -399,17 +364,7 @@ class AdapterStore:
         return files.nbytes
 
     def _servable(self, path: Path) -> AdapterFiles | MixtureFiles:
-        """The checked files of a pure LoRA adapter on per-row layers, or of a mixture of such experts, each inside
-        the root (checked against the module snapshot, no lock)."""
-        if is_mixture_dir(path):
-            return check_mixture_files(path, modules=self._modules,
-                                       check_expert=lambda d: self._servable_adapter(self._resolve(d)))
-        return self._servable_adapter(path)
-
-    def _servable_adapter(self, path: Path) -> AdapterFiles:
-        files = check_adapter_files(path, modules=self._modules)
-        require_servable(files, self._modules)  # the rule `lorakit check --for lorakit` reports by
-        return files
+        return servable_files(path, self._modules, self.root)  # against the module snapshot: no lock
 
 
 def _adapter_bytes(model: nn.Module, adapter: str) -> int:
