@@ -12,6 +12,7 @@ from lorakit import LoraConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
 from lorakit.state import lora_layers
 from lorakit.adapters import adapter_rows
+from lorakit import rows as rows_module
 from lorakit.rows import MixedBatchError
 
 from .conftest import VOCAB, randomise_lora
@@ -182,9 +183,11 @@ def test_switching_copies_nothing_and_slots_are_kept(llama3):
     assert {n: dict(layer.row_slots.slots) for n, layer in lora_layers(llama3)} == slots  # same slots: nothing re-copied
 
 
-def test_slots_follow_adapter_changes(llama3):
-    """Adding, deleting and changing an adapter in place (a training step, a load) refresh only what they touch."""
-    x = ids(3)
+@pytest.mark.parametrize("length", [10, 2], ids=["batched-products", "few-tokens"])
+def test_slots_follow_adapter_changes(llama3, length):
+    """Adding, deleting and changing an adapter in place (a training step, a load) refresh only what they touch;
+    with few tokens, the layer's kept copy of the batch's factors side by side (STACK_MAX_RANK) is made anew."""
+    x = ids(3, length)
     with torch.no_grad():
         llama3(x, adapter_names=["a", "b", "c"])
     q = llama3.model.layers[0].self_attn.q_proj
@@ -201,6 +204,52 @@ def test_slots_follow_adapter_changes(llama3):
     with torch.no_grad():
         got = llama3(x, adapter_names=["d", "a", None]).logits
     torch.testing.assert_close(got, rows_alone(llama3, x, ["d", "a", None]), atol=ATOL, rtol=0)
+
+
+def test_few_tokens_side_by_side_equals_the_slots_path(llama3, monkeypatch):
+    """Decode-sized rows run the batch's adapters side by side (one product each for A and B, a mask per row);
+    the result equals the slots' gathered path, which larger total ranks use, and the generic rows-alone result.
+    The side-by-side factors are kept on the layer and reused by the next batch of the same adapters."""
+    names = ["a", None, "b", "c", "a", "b"]
+    x = ids(len(names), 1)
+    with torch.no_grad():
+        stacked = llama3(x, adapter_names=names).logits
+    q = llama3.model.layers[0].self_attn.q_proj
+    kept = q.row_slots.stacked
+    assert kept is not None and kept[1].shape == (q.features[0], 4 + 8)  # a (r=4) and b (r=8) side by side
+    with torch.no_grad():
+        again = llama3(x.flip(0), adapter_names=list(reversed(names))).logits
+    assert q.row_slots.stacked[1] is kept[1]  # same adapters, other rows: the copy is reused
+    monkeypatch.setattr(rows_module, "STACK_MAX_RANK", 0)
+    with torch.no_grad():
+        gathered = llama3(x, adapter_names=names).logits
+    torch.testing.assert_close(stacked, gathered, atol=ATOL, rtol=0)
+    torch.testing.assert_close(stacked, rows_alone(llama3, x, names), atol=ATOL, rtol=0)
+    torch.testing.assert_close(again, stacked.flip(0), atol=ATOL, rtol=0)
+
+
+def test_a_kept_plan_runs_again_until_a_slot_changes(llama3):
+    """lorakit.adapters.row_plan: one checked plan run for several batches of the same rows gives what fresh plans
+    give, and goes stale as soon as any adapter's slot changes (loaded, refreshed or freed)."""
+    from lorakit.adapters import row_plan
+
+    names = ["a", None, "b"]
+    x = ids(3, 1)
+    with torch.no_grad():
+        fresh = llama3(x, adapter_names=names).logits  # a's and b's first per-row use puts them in slots
+    plan = row_plan(llama3, names)
+    with torch.no_grad():
+        for _ in range(2):
+            with adapter_rows(llama3, plan):
+                torch.testing.assert_close(llama3(x).logits, fresh, atol=0, rtol=0)
+    assert not plan.stale()
+    lorakit.set_active(llama3, "c")
+    with torch.no_grad():
+        llama3(x, adapter_names=["c"] * 3)  # c's first per-row use puts it in slots
+    assert plan.stale()
+    plan = row_plan(llama3, names)
+    lorakit.delete_adapter(llama3, "c")
+    assert plan.stale()
 
 
 def test_normal_path_is_untouched(llama3):

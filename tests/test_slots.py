@@ -2,6 +2,7 @@
 slot computes what a fresh load computes, ranks mix in one batch, loaded adapters are held once, and a per-feature
 factor G (DoRA-like adapters) rides in the slot."""
 
+import pytest
 import torch
 
 import lorakit
@@ -29,21 +30,26 @@ def alone(llama_dir, path, x):
         return model(x).logits
 
 
-def test_a_reused_slot_equals_a_fresh_load(llama_dir, tmp_path):
+@pytest.mark.parametrize("length", [9, 1], ids=["batched-products", "few-tokens"])
+def test_a_reused_slot_equals_a_fresh_load(llama_dir, tmp_path, length):
+    """Also with decode-sized rows, whose side-by-side copy of a and b (kept on the layer) must not outlive a's slot."""
+    x = X[:, :length]
     paths = {n: saved(llama_dir, tmp_path / n, 4, seed) for seed, n in enumerate(["a", "b", "c"])}
     model = load(llama_dir)
     lorakit.load_adapter(model, paths["a"], adapter="a")
     lorakit.load_adapter(model, paths["b"], adapter="b")
+    with torch.no_grad():
+        model(x, adapter_names=["a", "b", None])
     q = model.model.layers[0].self_attn.q_proj
     slot_a = q.row_slots.slots["a"].index
     lorakit.delete_adapter(model, "a")
     lorakit.load_adapter(model, paths["c"], adapter="c")
     assert q.row_slots.slots["c"].index == slot_a and len(q.row_slots.groups) == 1  # the freed slot, nothing re-stacked
     with torch.no_grad():
-        got = model(X, adapter_names=["c", "b", None]).logits
-        base = load(llama_dir)(X).logits
-    torch.testing.assert_close(got[0], alone(llama_dir, paths["c"], X)[0], atol=ATOL, rtol=0)
-    torch.testing.assert_close(got[1], alone(llama_dir, paths["b"], X)[1], atol=ATOL, rtol=0)
+        got = model(x, adapter_names=["c", "b", None]).logits
+        base = load(llama_dir)(x).logits
+    torch.testing.assert_close(got[0], alone(llama_dir, paths["c"], x)[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[1], alone(llama_dir, paths["b"], x)[1], atol=ATOL, rtol=0)
     torch.testing.assert_close(got[2], base[2], atol=ATOL, rtol=0)
 
 

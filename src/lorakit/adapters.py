@@ -152,7 +152,7 @@ def _parse_choice(adapters: AdapterChoice) -> list[ActiveAdapter]:
 
 
 @contextlib.contextmanager
-def adapter_rows(model: nn.Module, names: RowNames) -> Iterator[nn.Module]:
+def adapter_rows(model: nn.Module, names: "RowNames | rows.RowPlan") -> Iterator[nn.Module]:
     """Inside this block, row i of every batch that `model` computes runs adapter `names[i]` (None: the base), or
     a weighted mix of adapters ({name: weight}), which computes what `set_active` with those weights computes.
 
@@ -162,8 +162,14 @@ def adapter_rows(model: nn.Module, names: RowNames) -> Iterator[nn.Module]:
     Applies to the LoRA layers run in this thread (or asyncio task); a batch of k·len(names) rows
     (generate's beams or return sequences) repeats each name k times in a row. Inference only.
     """
-    with rows.use_plan(check_names(model, names)):
+    with rows.use_plan(names if isinstance(names, rows.RowPlan) else check_names(model, names)):
         yield model
+
+
+def row_plan(model: nn.Module, names: RowNames) -> rows.RowPlan:
+    """A checked plan for `names` that `adapter_rows(model, plan)` can run for several batches of the same rows, as
+    long as `plan.stale()` is False and nothing but slot loads/frees changes the model's adapters meanwhile."""
+    return rows.RowPlan(check_names(model, names))
 
 
 def check_names(model: nn.Module, names: RowNames) -> tuple[rows.RowChoice, ...]:

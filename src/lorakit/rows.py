@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import LorakitError, MergeStateError
+from . import slots as slot_store
 from .slots import SlotGroup, current_slot
 
 # Which adapter each row of the batch runs. Every LoRA layer called in that context (thread or asyncio task)
@@ -36,6 +37,12 @@ _PLAN: contextvars.ContextVar = contextvars.ContextVar("lorakit_row_plan", defau
 # Up to this many tokens per row (decoding), each row's factors are read in place by embedding_bag; beyond,
 # gathering them once per row and running batched matrix products is faster (measured on CPU: crossover ~8-16).
 FEW_TOKENS = 8
+# Up to this total rank of the distinct adapters in a batch, few-token rows run all of them side by side instead:
+# one product with their A's placed side by side, a mask keeping each row's own columns (times its scale), one
+# product with their B's stacked. Three ops per layer whatever the number of ranks, against ~4 per rank present
+# for the slots' gathers; the masked-out columns cost little while the total rank stays small (see STACK_MAX_RANK
+# in docs/benchmarks.md, "Decode step").
+STACK_MAX_RANK = 128
 
 
 class MixedBatchError(LorakitError, ValueError):
@@ -59,9 +66,10 @@ def adapters_of(choice: RowChoice) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def use_plan(names: tuple[RowChoice, ...]) -> Iterator[None]:
-    """Run every LoRA layer called inside this block (this thread / task) per row; names are checked by the caller."""
-    token = _PLAN.set(RowPlan(names))
+def use_plan(names: "tuple[RowChoice, ...] | RowPlan") -> Iterator[None]:
+    """Run every LoRA layer called inside this block (this thread / task) per row; names are checked by the caller.
+    Given a RowPlan (one kept from an earlier block, not stale), its per-layer layouts are reused."""
+    token = _PLAN.set(names if isinstance(names, RowPlan) else RowPlan(names))
     try:
         yield
     finally:
@@ -75,10 +83,13 @@ class RowPlan:
     """The adapter of every row, resolved once per layer into that layer's slots: per rank present, the slot
     of each of its rows (an int when every row of the batch shares one slot), which rows those are (None:
     all) and their scale (one float, or one per row in a mix); plus the adapters run through their own output()
-    on their rows. One plan lives as long as one `adapter_rows` block."""
+    on their rows. One plan usually lives as long as one `adapter_rows` block; an owner that alone changes the
+    model's adapters, and only through their slots (a server's engine), may keep it for the next batch of the
+    same rows until `stale()`: layouts are then not re-derived, nor adapters' versions re-read, at every layer."""
 
     def __init__(self, names: tuple[RowChoice, ...]):
         self.names = names
+        self.writes = slot_store.writes()
         self.mixed = any(type(n) is tuple for n in names)
         if self.mixed:
             self.distinct = {a for n in names for a in adapters_of(n)}
@@ -87,15 +98,21 @@ class RowPlan:
         self._layers: dict[int, tuple] = {}
         self._cache: dict[tuple, object] = {}  # index tensors shared by layers whose adapters sit in the same slots
 
+    def stale(self) -> bool:
+        """True once any slot changed since the plan was made (an adapter loaded, freed, refreshed)."""
+        return self.writes != slot_store.writes()
+
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         entry = self._layers.get(id(layer))
         if entry is None or entry[0] is not layer:
             entry = self._layers[id(layer)] = (layer, self._prepare(layer))
-        parts, own = entry[1]
+        parts, own, stack = entry[1]
         y = layer.base_layer(x)
         if not parts and not own:
             return y
         n = x.shape[0] if x.dim() >= (1 if layer.type.takes_ids else 2) else 0
+        if stack is not None and x.dim() >= 2 and x[0].numel() <= FEW_TOKENS * x.shape[-1]:
+            return _add_stacked(layer, y, x, n, *self._stack_mask(stack, n, x))
         # Adapters run through their own output() read the base output, so before the slots add into y in place.
         outputs = [self._own_output(layer, x, y, n, *o) for o in own] if own else ()
         scaled = []
@@ -126,12 +143,23 @@ class RowPlan:
         adapters = layer.adapters._modules
         present = {n: adapters[n] for n in self.distinct if n in adapters}
         if not present:  # no row's adapter reaches this layer: the base alone
-            return [], ()
+            return [], (), None
         if not layer.type.per_row:
             raise MixedBatchError(f"per-row adapters support Linear, GPT-2 Conv1D and Embedding layers, not {type(layer.base_layer).__name__}")
         if self.mixed or not all(a.per_row for a in present.values()):
-            return self._prepare_lanes(layer, present)
+            return *self._prepare_lanes(layer, present), None
         slots = {n: current_slot(layer, n, a) for n, a in present.items()}
+        # What follows depends only on the names and the slots: consecutive decode steps (new plans, same rows) reuse
+        # the layer's last result. Slots compare by identity and are held by the key, so a new one never matches.
+        state = (self.names, tuple(sorted((n, s, s.version) for n, s in slots.items())))
+        last = layer.row_slots.prepared
+        if last is not None and last[0] == state:
+            return last[1]
+        prepared = self._prepare_slots(layer, slots)
+        layer.row_slots.prepared = (state, prepared)
+        return prepared
+
+    def _prepare_slots(self, layer, slots: dict) -> tuple[list[tuple], tuple, tuple | None]:
         per_row = [slots.get(n) if n is not None else None for n in self.names]
         key = ("parts", tuple(None if s is None else (s.group.key, s.index) for s in per_row))
         layout = self._cached(key, lambda: _layout(per_row))
@@ -141,7 +169,29 @@ class RowPlan:
             # One scale for every row of the part (the usual case) rides on the final add's alpha: no gather, no pass.
             scales = {s.group.scales[s.index] for s in slots.values() if s.group.key == k}
             parts.append((groups[k], slot_index, rows, scales.pop() if len(scales) == 1 else None))
-        return parts, ()
+        return parts, (), self._stack(layer, per_row, parts)
+
+    def _stack(self, layer, per_row: list, parts: list) -> tuple | None:
+        """(the distinct slots in order, the key of each row's columns and scale) when this layer's few-token rows
+        can run all the batch's adapters side by side (_add_stacked); None when the slots' own path is as cheap or
+        the only one that applies."""
+        if layer.type.takes_ids or (len(parts) == 1 and isinstance(parts[0][1], int)):
+            return None  # ids (an embedding) have no product to share; one slot for all rows is already two products
+        # In slot order, not row order: the same adapters in other rows reuse the layer's kept copy.
+        order = sorted({s for s in per_row if s is not None}, key=lambda s: (s.group.key[0], s.index))
+        if (sum(s.group.key[0] for s in order) > STACK_MAX_RANK or len({s.group.key[1:] for s in order}) > 1
+                or any(s.group.G is not None for s in order)):  # DoRA's factor G stays on the slots' path
+            return None
+        position = {id(s): i for i, s in enumerate(order)}
+        rows = tuple(None if s is None else (position[id(s)], s.group.scales[s.index]) for s in per_row)
+        return tuple(order), (tuple(s.group.key[0] for s in order), rows)
+
+    def _stack_mask(self, stack: tuple, n: int, x: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        """The slots and, per row, its adapter's scale over that adapter's columns and 0 elsewhere (n rows: generate()
+        repeats each name's row in place)."""
+        order, key = stack
+        mask = self._cached(("stack", key, n), lambda: _stack_mask(*key, _repeats(len(self.names), n, x), order[0].group))
+        return order, mask
 
     def _prepare_lanes(self, layer, present: dict) -> tuple[list[tuple], list[tuple]]:
         """Parts for a batch with mixes (or adapters without slots): lane k holds the k-th slotted adapter of every
@@ -201,17 +251,9 @@ class RowPlan:
     def _expand(self, slots, rows, scale, n: int, x: torch.Tensor):
         """Slots, rows and scale for an input of `n` rows: generate() repeats each row in place for beams / return
         sequences."""
-        names = len(self.names)
-        if n == names:
+        k = _repeats(len(self.names), n, x)
+        if k == 1 or isinstance(slots, int):
             return slots, rows, scale
-        if not n or n % names:
-            raise MixedBatchError(
-                f"a LoRA layer got an input of shape {tuple(x.shape)}, whose first dimension does not fit the "
-                f"{names} adapter names given; pass one name (or None) per row of the batch"
-            )
-        if isinstance(slots, int):
-            return slots, rows, scale
-        k = n // names
         per_row = isinstance(scale, torch.Tensor)
         slots, rows, per_row_scale = self._cached(("expand", id(slots), id(rows), id(scale) if per_row else None, k), lambda: (
             None if slots is None else slots.repeat_interleave(k),
@@ -224,6 +266,56 @@ class RowPlan:
         if value is None:
             value = self._cache[key] = make()
         return value
+
+
+def _repeats(names: int, n: int, x: torch.Tensor) -> int:
+    """How many rows of the input each name covers (generate() repeats a row per beam / return sequence)."""
+    if n == names:
+        return 1
+    if not n or n % names:
+        raise MixedBatchError(
+            f"a LoRA layer got an input of shape {tuple(x.shape)}, whose first dimension does not fit the "
+            f"{names} adapter names given; pass one name (or None) per row of the batch"
+        )
+    return n // names
+
+
+def _stack_mask(ranks: tuple[int, ...], rows: tuple, repeats: int, group: SlotGroup) -> torch.Tensor:
+    """(rows, total rank): row i holds its adapter's scale over that adapter's columns, 0 elsewhere (a base row: 0)."""
+    starts = [sum(ranks[:j]) for j in range(len(ranks) + 1)]
+    mask = [[0.0] * starts[-1] for _ in rows]
+    for line, row in zip(mask, rows):
+        if row is not None:
+            j, scale = row
+            line[starts[j]:starts[j + 1]] = [scale] * ranks[j]
+    mask = torch.tensor(mask, dtype=group.A.dtype, device=group.A.device)
+    return mask if repeats == 1 else mask.repeat_interleave(repeats, 0)
+
+
+def _add_stacked(layer, y: torch.Tensor, x: torch.Tensor, n: int, order: tuple, mask: torch.Tensor) -> torch.Tensor:
+    """y + each row's `scale · (x · Aᵀ) · Bᵀ` for few-token rows: every adapter of the batch side by side, each row
+    keeping its own adapter's columns (STACK_MAX_RANK)."""
+    A, B = _stacked_factors(layer, order)
+    t = x.reshape(n, -1, x.shape[-1]).to(A.dtype) @ A
+    t = t.mul_(mask.view(n, 1, -1)).view(-1, A.shape[1])
+    return _add(y, t, B, x)
+
+
+def _stacked_factors(layer, order: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(in, total rank) and (total rank, out): the slots' Aᵀ and Bᵀ side by side. The layer keeps the last such copy
+    (at most STACK_MAX_RANK ranks' worth of factors): consecutive decode steps mostly run the same adapters, and
+    the copy costs more than the products it serves. Any write into one of its slots makes a new one."""
+    if len(order) == 1:
+        return order[0].group.A[order[0].index], order[0].group.B[order[0].index]
+    pool = layer.row_slots
+    key = tuple((id(s.group), s.group.writes, s.index) for s in order)
+    stacked = pool.stacked
+    if stacked is not None and stacked[0] == key:
+        return stacked[1], stacked[2]
+    A = torch.cat([s.group.A[s.index] for s in order], 1)
+    B = torch.cat([s.group.B[s.index] for s in order], 0)
+    pool.stacked = (key, A, B)
+    return A, B
 
 
 def _layout(per_row: list) -> list[tuple]:

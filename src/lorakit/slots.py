@@ -22,6 +22,17 @@ from .errors import LorakitError
 FIRST_CAPACITY = 4
 # Writers (put in, refresh, free, grow) take this lock; readers (forward passes) never do.
 _WRITE = threading.RLock()
+_writes = 0  # slot changes in this process (writes, publishes, frees): a kept row plan is stale once it moves
+
+
+def writes() -> int:
+    """How many slot changes this process has made so far (rows.RowPlan.stale compares it)."""
+    return _writes
+
+
+def _changed() -> None:
+    global _writes
+    _writes += 1
 
 
 class SlotError(LorakitError, ValueError):
@@ -40,6 +51,7 @@ class SlotGroup:
     G: torch.Tensor | None = None  # (capacity, out): per-feature factor (DoRA), 1 for others; made on first need
     free: list[int] = field(default_factory=list)
     used: int = 0  # slots handed out so far (the high-water mark)
+    writes: int = 0  # bumped by every write into a slot: copies made of slots (rows.py's stacks) compare it
 
     @property
     def capacity(self) -> int:
@@ -63,6 +75,8 @@ class SlotPool:
         self.capacity = capacity
         self.groups: dict[tuple, SlotGroup] = {}
         self.slots: dict[str, Slot] = {}
+        self.stacked: tuple | None = None  # rows.py: the last few adapters' factors side by side, with their key
+        self.prepared: tuple | None = None  # rows.py: the last batch's per-row layout on this layer, with its key
 
     def __deepcopy__(self, memo) -> "SlotPool":
         # A copied model's adapters own copies of their tensors; they are put in fresh slots on first use.
@@ -136,6 +150,7 @@ def publish_slot(layer, name: str, slot: Slot) -> Slot:
                        and adapter.share_row_slot(layer, slot.group.A[slot.index], slot.group.B[slot.index]))
         slot.version = adapter.row_version()  # after sharing: its pointers moved
         pool.slots[name] = slot  # published: forward passes may use it from here on
+        _changed()
         return slot
 
 
@@ -160,6 +175,7 @@ def free_slot(layer, name: str) -> None:
                 if p.untyped_storage().data_ptr() in storages:
                     p.data = p.data.clone()
         slot.group.free.append(slot.index)
+        _changed()
 
 
 def current_slot(layer, name: str, adapter) -> Slot:
@@ -229,6 +245,7 @@ def _grow(layer, pool: SlotPool, group: SlotGroup) -> None:
         G = torch.empty(capacity, group.G.shape[1], dtype=group.G.dtype, device=group.G.device)
         G[:n] = group.G[:n]
     group.A, group.B, group.scale, group.G = A, B, scale, G
+    _changed()
     group.scales += [0.0] * (capacity - len(group.scales))
     for slot in pool.slots.values():  # shared adapters follow their slot into the new buffers
         if slot.group is group and slot.shared:
@@ -237,6 +254,8 @@ def _grow(layer, pool: SlotPool, group: SlotGroup) -> None:
 
 
 def _write(group: SlotGroup, i: int, At: torch.Tensor, Bt: torch.Tensor, scale: float, g, layer) -> None:
+    group.writes += 1
+    _changed()
     if At.data_ptr() != group.A[i].data_ptr():  # a shared adapter's refresh: already in place
         group.A[i].copy_(At)
     if Bt.data_ptr() != group.B[i].data_ptr():

@@ -177,6 +177,42 @@ def test_rows_compute_the_same_alone_and_in_a_batch_that_changes(engine):
     assert engine.adapters.pins == {"a": 0, "b": 0}  # every pin released
 
 
+def test_decode_steps_keep_one_row_plan_until_the_rows_or_slots_change(engine, monkeypatch):
+    """The same running rows reuse one per-row plan across decode steps; a slot change (an adapter loaded
+    meanwhile) makes the engine derive a new one, and every row still computes what it computes alone."""
+    import lorakit.adapters
+
+    made = []
+    real = lorakit.adapters.row_plan
+    monkeypatch.setattr(lorakit.adapters, "row_plan", lambda *a: made.append(a[1]) or real(*a))
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    jobs = [([3, 4, 5], "a", greedy), ([7, 8], None, greedy), ([1, 2, 3], "b", greedy)]
+    alone = [run(engine, [job])[0] for job in jobs]
+    made.clear()
+    assert run(engine, jobs) == alone
+    assert made == [["a", None, "b"]]  # 11 decode steps, one plan
+    model, made[:] = engine.model, []
+    stepped = threading.Event()
+    real_decode = engine._decode
+
+    def decode_then_load():  # after the 3rd step, a new adapter takes a slot on every layer it adapts
+        real_decode()
+        if engine.stats.steps == steps_before + 3:
+            lorakit.inject(model, lorakit.LoraConfig(r=3, target_modules=["q_proj"]), adapter="c", activate=False)
+            with torch.no_grad():
+                model(torch.tensor([[1, 2]]), adapter_names=["c"])
+            stepped.set()
+
+    steps_before = engine.stats.steps
+    monkeypatch.setattr(engine, "_decode", decode_then_load)
+    try:
+        assert run(engine, jobs) == alone
+    finally:
+        lorakit.delete_adapter(model, "c")
+    assert stepped.is_set()
+    assert made == [["a", None, "b"]]  # the kept plan ran until the load, one new plan after it
+
+
 def test_eos_stop_strings_and_the_context_limit_finish_rows(engine):
     first = run(engine, [([3, 4], "a", SamplingParams(max_tokens=30, temperature=0))])[0]
     engine.eos_token_ids = {ord(first[0][4]) - 256}  # the 5th token ends the row

@@ -102,6 +102,7 @@ class Engine:
         self._rows: list[_Request] = []
         self._prefill: Prefill | None = None
         self._cache = BatchCache()
+        self._decode_plan: tuple | None = None  # (the running rows' adapters, their kept row plan)
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._pinner = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lorakit-pin")
@@ -282,13 +283,27 @@ class Engine:
         ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[len(r.prompt) + len(r.generated) - 1] for r in rows], device=self.device)
         mask = self._cache.grow()
-        logits = self._forward(ids, [r.model_adapter for r in rows], self._cache.cache, attention_mask=mask,
-                               position_ids=positions)
+        logits = self._forward(ids, self._rows_plan([r.model_adapter for r in rows]), self._cache.cache,
+                               attention_mask=mask, position_ids=positions)
         self.stats.record_step(len(rows))
         for i, req in enumerate(rows):
             self._accept(req, logits[i])
 
-    def _forward(self, ids, adapters: list[Choice], cache, **kwargs) -> torch.Tensor:
+    def _rows_plan(self, adapters: list[Choice]):
+        """The decode steps' row plan, kept while the running rows and every adapter slot stay the same: the engine
+        alone changes the model while it runs, and adapters come and go through slots, which make the plan stale.
+        Saves re-deriving each layer's per-row layout at every step (~6% of a decode step on CPU)."""
+        from ..adapters import row_plan
+
+        kept = self._decode_plan
+        if kept is not None and kept[0] == adapters and not kept[1].stale():
+            return kept[1]
+        plan = row_plan(self.model, adapters)
+        self._decode_plan = (adapters, plan)
+        return plan
+
+    def _forward(self, ids, adapters, cache, **kwargs) -> torch.Tensor:
+        """One forward with row i running adapters[i] (a list of choices, or a kept row plan)."""
         from ..adapters import adapter_rows
 
         with adapter_rows(self.model, adapters):
