@@ -36,6 +36,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 import lorakit  # noqa: E402
+from docs_section import add_to_section  # noqa: E402
 
 HEADING = "## Server (bench/serve_http.py)"
 ADAPTER_RANKS = {"r8": 8, "r16": 16, "r32": 32}
@@ -222,6 +223,39 @@ def plain_generate(root: Path, args, repeats: int = 3) -> float:
     return statistics.median(best)
 
 
+def prefill_floor(root: Path, args, repeats: int = 5) -> tuple[float, int]:
+    """The least compute time before the median request of a burst of max(clients) simultaneous prompts can have its
+    first token: its half of the burst prefilled, in the best grouping, with the bench's adapters per row, in the
+    bench process at the server's threads (HTTP, sampling and the other requests' decode steps not counted).
+    Returns (seconds, group size)."""
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = LlamaForCausalLM.from_pretrained(root / "base").eval()
+    for name in ADAPTER_RANKS:
+        lorakit.load_adapter(model, root / "adapters" / name, adapter=name)
+    names = [None, *ADAPTER_RANKS] * max(args.clients)
+    half = -(-max(args.clients) // 2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, args.vocab, (half, args.prompt_tokens), generator=g)
+    groups = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= half]
+
+    def forward(k: int) -> float:
+        with torch.inference_mode(), lorakit.adapter_rows(model, names[:k]):
+            t0 = time.perf_counter()
+            model(ids[:k], past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - t0
+
+    times: dict[int, list[float]] = {k: [] for k in groups}
+    for k in groups:
+        forward(k)
+    for _ in range(repeats):  # the group sizes in turn
+        for k in groups:
+            times[k].append(forward(k))
+    best = min(groups, key=lambda k: -(-half // k) * statistics.median(times[k]))
+    return -(-half // best) * statistics.median(times[best]), best
+
+
 def table(results: dict[str, list[dict]], args, generate: list[float]) -> str:
     gen = statistics.mean(generate)
     lines = [
@@ -241,18 +275,20 @@ def table(results: dict[str, list[dict]], args, generate: list[float]) -> str:
             lines.append(f"| {name} | {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['tok_s'] / gen:.2f} | "
                          f"{r['ttft50']:.3f} | {r['ttft99']:.3f} | {r['p50']:.3f} | {r['p99']:.3f} | "
                          f"{r['mean_batch']:.2f} | {r['errors']} |")
+    floor, group = args.floor
+    top = max(args.clients)
+    lines += ["", f"Compute floor of p50 TTFT at {top} clients (a burst of {top} prompts): prefilling the median "
+              f"request's half of the burst, in the best grouping (groups of {group}), with the bench's adapters per "
+              f"row, takes {floor:.3f} s here (`prefill_floor`; HTTP, sampling and decode steps not counted)."]
+    older = [rows for name, rows in results.items() if name != "this lorakit"]
+    if older:
+        old50 = next(r["ttft50"] for r in older[0] if r["clients"] == top)
+        ours = next(r["ttft50"] for r in results["this lorakit"] if r["clients"] == top)
+        lines.append(f"At {top} clients: p50 TTFT {ours / old50:.2f}× the older server's (target ≤ 0.5×, i.e. "
+                     f"{0.5 * old50:.3f} s; the floor is {floor / old50:.2f}× it); tokens/s "
+                     f"{results['this lorakit'][-1]['tok_s'] / gen:.2f}× plain `generate` (target ≥ 0.90×).")
     return "\n".join(lines)
 
-
-def append_to_docs(text: str) -> Path:
-    path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-    path.parent.mkdir(exist_ok=True)
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = ("" if HEADING in existing else f"\n{HEADING}\n\n`python bench/serve_http.py`: throughput and latency of "
-             "`lorakit serve` under concurrent clients over loopback HTTP.\n") + f"\n{text}\n"
-    with path.open("a", encoding="utf-8") as f:
-        f.write(("\n" if existing and not existing.endswith("\n") else "") + block)
-    return path
 
 
 def main(argv=None) -> int:
@@ -283,10 +319,12 @@ def main(argv=None) -> int:
                 proc.terminate()
                 proc.wait(30)
         generate.append(plain_generate(root, args))
+        args.floor = prefill_floor(root, args)
     text = table(results, args, generate)
     print("\n" + text)
     if not args.no_write and not args.quick:
-        print(f"\nappended to {append_to_docs(text)}")
+        intro = "`python bench/serve_http.py`: throughput and latency of `lorakit serve` under concurrent clients over loopback HTTP."
+        print(f"\nadded to {add_to_section(HEADING, intro, text)}")
     return 0
 
 

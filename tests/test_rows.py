@@ -212,6 +212,7 @@ def test_few_tokens_side_by_side_equals_the_slots_path(llama3, monkeypatch):
     The side-by-side factors are kept on the layer and reused by the next batch of the same adapters."""
     names = ["a", None, "b", "c", "a", "b"]
     x = ids(len(names), 1)
+    monkeypatch.setattr(rows_module, "MAX_RUNS", 0)  # rows not grouped by adapter (else each group runs in place)
     with torch.no_grad():
         stacked = llama3(x, adapter_names=names).logits
     q = llama3.model.layers[0].self_attn.q_proj
@@ -221,16 +222,49 @@ def test_few_tokens_side_by_side_equals_the_slots_path(llama3, monkeypatch):
         again = llama3(x.flip(0), adapter_names=list(reversed(names))).logits
     assert q.row_slots.stacked[1] is kept[1]  # same adapters, other rows: the copy is reused
     monkeypatch.setattr(rows_module, "STACK_MAX_RANK", 0)
+    forget_layouts(llama3)
+    q.row_slots.stacked = None
     with torch.no_grad():
         gathered = llama3(x, adapter_names=names).logits
+    assert q.row_slots.stacked is None  # the slots' gathered path this time
     torch.testing.assert_close(stacked, gathered, atol=ATOL, rtol=0)
     torch.testing.assert_close(stacked, rows_alone(llama3, x, names), atol=ATOL, rtol=0)
     torch.testing.assert_close(again, stacked.flip(0), atol=ATOL, rtol=0)
 
 
+def forget_layouts(model):
+    """Drop each layer's kept per-row layout, so that the next batch re-derives it (after a path limit changed)."""
+    for _, layer in lora_layers(model):
+        if layer.row_slots is not None:
+            layer.row_slots.prepared = None
+
+
+@pytest.mark.parametrize("length", [10, 1], ids=["batched-products", "few-tokens"])
+def test_rows_grouped_by_adapter_run_each_group_in_place(llama3, monkeypatch, length):
+    """Consecutive rows of one adapter (as a server keeps them) run that adapter's two products on their own rows;
+    the result equals the other paths' and each row's alone; more than MAX_RUNS groups take the other paths."""
+    names = ["a", "a", None, "b", "b", "b", "c"]
+    x = ids(len(names), length)
+    calls = []
+    real = rows_module.add_runs
+    monkeypatch.setattr(rows_module, "add_runs", lambda *a: calls.append(len(a[3])) or real(*a))
+    with torch.no_grad():
+        grouped = llama3(x, adapter_names=names).logits
+    assert calls and max(calls) == 2  # two groups where two adapters meet (q_proj: a and b; o_proj: a and c)
+    monkeypatch.setattr(rows_module, "MAX_RUNS", 1)
+    forget_layouts(llama3)
+    calls.clear()
+    with torch.no_grad():
+        other = llama3(x, adapter_names=names).logits
+    assert calls and max(calls) == 1  # layers with one group (k_proj: a only) still run in place; the others do not
+    torch.testing.assert_close(grouped, other, atol=ATOL, rtol=0)
+    torch.testing.assert_close(grouped, rows_alone(llama3, x, names), atol=ATOL, rtol=0)
+
+
 def test_a_kept_plan_runs_again_until_a_slot_changes(llama3):
     """lorakit.adapters.row_plan: one checked plan run for several batches of the same rows gives what fresh plans
-    give, and goes stale as soon as any adapter's slot changes (loaded, refreshed or freed)."""
+    give, stays valid while other adapters come and go, and goes stale as soon as a slot of one of its adapters
+    changes (refreshed, freed)."""
     from lorakit.adapters import row_plan
 
     names = ["a", None, "b"]
@@ -243,12 +277,17 @@ def test_a_kept_plan_runs_again_until_a_slot_changes(llama3):
             with adapter_rows(llama3, plan):
                 torch.testing.assert_close(llama3(x).logits, fresh, atol=0, rtol=0)
     assert not plan.stale()
-    lorakit.set_active(llama3, "c")
     with torch.no_grad():
-        llama3(x, adapter_names=["c"] * 3)  # c's first per-row use puts it in slots
-    assert plan.stale()
-    plan = row_plan(llama3, names)
+        llama3(x, adapter_names=["c"] * 3)  # c's first per-row use puts it in slots: not one of the plan's adapters
     lorakit.delete_adapter(llama3, "c")
+    assert not plan.stale()
+    randomise_lora(llama3, std=0.1, seed=9)  # a's and b's weights change in place
+    with torch.no_grad():
+        changed = llama3(x, adapter_names=names).logits  # a fresh plan sees it and refreshes their slots
+    assert plan.stale()
+    torch.testing.assert_close(changed, rows_alone(llama3, x, names), atol=ATOL, rtol=0)
+    plan = row_plan(llama3, names)
+    lorakit.delete_adapter(llama3, "b")
     assert plan.stale()
 
 

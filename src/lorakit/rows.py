@@ -1,10 +1,16 @@
 """Per-row adapters: one forward pass in which each row of the batch runs its own adapter, a weighted mix of
 adapters, or the base.
 
-Each LoRA layer keeps its adapters in per-rank slots (slots.py). A batch gathers every row's slot and adds
-`scale · (x · A_row) · B_row` with two batched products (BGMV) per rank present, so the cost does not grow with
-the number of distinct adapters in the batch and switching copies nothing. Adapters that rescale each output
-feature (DoRA) also apply their slot's factor `G`; rows of other adapters keep 1.
+Each LoRA layer keeps its adapters in per-rank slots (slots.py) and adds each row's `scale · (x · A_row) · B_row`
+in the cheapest of three ways (measured on CPU, docs/benchmarks.md "Decode step"):
+- rows grouped by adapter (a server keeps its running rows so), at most MAX_RUNS groups: each group's two products
+  on its own rows, in place;
+- few tokens per row (decoding) and a small total rank: all the batch's adapters side by side, one product with
+  their A's, a mask keeping each row's own columns, one product with their B's (the copy kept per layer);
+- otherwise the slots gathered per row: two batched products (BGMV) per rank present, so the cost does not grow
+  with the number of distinct adapters in the batch and switching copies nothing.
+Adapters that rescale each output feature (DoRA) also apply their slot's factor `G` (rows of other adapters keep 1),
+on the last path only.
 
 A row may run a mix `((name, weight), ...)`: the weighted sum of the adapters' changes, as `set_active` with
 weights computes it, without building a combined adapter. The k-th adapter of every mixed row is one more
@@ -12,7 +18,8 @@ pass of the same products over the slots ("lane" k), its weight folded into the 
 change is not a plain low-rank sum (DoRA inside a mix), or that has no slots at all (a learned mixture router),
 runs its own `output()` on its rows instead.
 
-This module is the math and the per-thread plan; `lorakit.adapters.adapter_rows(model, names)` is the entry point.
+This module is the per-thread plan (which path each layer takes); row_products.py holds the products themselves;
+`lorakit.adapters.adapter_rows(model, names)` is the entry point.
 Inference only: adapter dropout is not applied and no gradient reaches the adapters.
 """
 
@@ -23,10 +30,11 @@ import contextvars
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .errors import LorakitError, MergeStateError
 from . import slots as slot_store
+from .row_products import (FEW_TOKENS, add_into_rows, add_runs, add_slots, add_stacked, column_factors,
+                           rescale)
 from .slots import SlotGroup, current_slot
 
 # Which adapter each row of the batch runs. Every LoRA layer called in that context (thread or asyncio task)
@@ -34,9 +42,6 @@ from .slots import SlotGroup, current_slot
 # different row plans on one model at once.
 _PLAN: contextvars.ContextVar = contextvars.ContextVar("lorakit_row_plan", default=None)
 
-# Up to this many tokens per row (decoding), each row's factors are read in place by embedding_bag; beyond,
-# gathering them once per row and running batched matrix products is faster (measured on CPU: crossover ~8-16).
-FEW_TOKENS = 8
 # Up to this total rank of the distinct adapters in a batch, few-token rows run all of them side by side instead:
 # one product with their A's placed side by side, a mask keeping each row's own columns (times its scale), one
 # product with their B's stacked. Three ops per layer whatever the number of ranks, against ~4 per rank present
@@ -89,46 +94,49 @@ class RowPlan:
 
     def __init__(self, names: tuple[RowChoice, ...]):
         self.names = names
-        self.writes = slot_store.writes()
         self.mixed = any(type(n) is tuple for n in names)
         if self.mixed:
             self.distinct = {a for n in names for a in adapters_of(n)}
         else:
             self.distinct = {n for n in names if n is not None}
+        self._changes = {name: slot_store.changes(name) for name in self.distinct}
         self._layers: dict[int, tuple] = {}
         self._cache: dict[tuple, object] = {}  # index tensors shared by layers whose adapters sit in the same slots
 
     def stale(self) -> bool:
-        """True once any slot changed since the plan was made (an adapter loaded, freed, refreshed)."""
-        return self.writes != slot_store.writes()
+        """True once a slot of one of the plan's adapters changed since it was made (published anew, refreshed,
+        freed); other adapters coming and going leave it valid."""
+        return any(slot_store.changes(name) != n for name, n in self._changes.items())
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         entry = self._layers.get(id(layer))
         if entry is None or entry[0] is not layer:
             entry = self._layers[id(layer)] = (layer, self._prepare(layer))
-        parts, own, stack = entry[1]
+        parts, own, stack, runs = entry[1]
         y = layer.base_layer(x)
         if not parts and not own:
             return y
         n = x.shape[0] if x.dim() >= (1 if layer.type.takes_ids else 2) else 0
+        if runs is not None and y.dtype == runs[0][2].group.A.dtype and y.is_contiguous() and not torch.is_grad_enabled():
+            return add_runs(y, x, n, runs, _repeats(len(self.names), n, x))
         if stack is not None and x.dim() >= 2 and x[0].numel() <= FEW_TOKENS * x.shape[-1]:
-            return _add_stacked(layer, y, x, n, *self._stack_mask(stack, n, x))
+            return add_stacked(layer, y, x, n, *self._stack_mask(stack, n, x))
         # Adapters run through their own output() read the base output, so before the slots add into y in place.
         outputs = [self._own_output(layer, x, y, n, *o) for o in own] if own else ()
         scaled = []
         for group, slots, rows, scale in parts:
             slots, rows, scale = self._expand(slots, rows, scale, n, x)
             if rows is None:
-                y = _add_slots(layer, group, slots, x, y, self, scale)
+                y = add_slots(layer, group, slots, x, y, self, scale)
             else:  # only these rows: their delta alone, added into theirs
-                delta = _add_slots(layer, group, slots, x.index_select(0, rows), None, self, scale).to(y.dtype)
-                y = _add_into_rows(y, rows, delta, scale if type(scale) is float else 1.0)
+                delta = add_slots(layer, group, slots, x.index_select(0, rows), None, self, scale).to(y.dtype)
+                y = add_into_rows(y, rows, delta, scale if type(scale) is float else 1.0)
             if group.G is not None:
                 scaled.append((group, slots, rows))
         if scaled:
-            y = _rescale(layer, y, _column_factors(scaled, y, n))
+            y = rescale(layer, y, column_factors(scaled, y, n))
         for rows, delta in outputs:  # rows run by their own output() have no G: after the rescale, or before, alike
-            y = y + delta if rows is None else _add_into_rows(y, rows, delta, 1.0)
+            y = y + delta if rows is None else add_into_rows(y, rows, delta, 1.0)
         return y
 
     def _prepare(self, layer) -> tuple[list[tuple], list[tuple] | tuple]:
@@ -143,11 +151,11 @@ class RowPlan:
         adapters = layer.adapters._modules
         present = {n: adapters[n] for n in self.distinct if n in adapters}
         if not present:  # no row's adapter reaches this layer: the base alone
-            return [], (), None
+            return [], (), None, None
         if not layer.type.per_row:
             raise MixedBatchError(f"per-row adapters support Linear, GPT-2 Conv1D and Embedding layers, not {type(layer.base_layer).__name__}")
         if self.mixed or not all(a.per_row for a in present.values()):
-            return *self._prepare_lanes(layer, present), None
+            return *self._prepare_lanes(layer, present), None, None
         slots = {n: current_slot(layer, n, a) for n, a in present.items()}
         # What follows depends only on the names and the slots: consecutive decode steps (new plans, same rows) reuse
         # the layer's last result. Slots compare by identity and are held by the key, so a new one never matches.
@@ -169,11 +177,11 @@ class RowPlan:
             # One scale for every row of the part (the usual case) rides on the final add's alpha: no gather, no pass.
             scales = {s.group.scales[s.index] for s in slots.values() if s.group.key == k}
             parts.append((groups[k], slot_index, rows, scales.pop() if len(scales) == 1 else None))
-        return parts, (), self._stack(layer, per_row, parts)
+        return parts, (), self._stack(layer, per_row, parts), _runs(layer, per_row)
 
     def _stack(self, layer, per_row: list, parts: list) -> tuple | None:
         """(the distinct slots in order, the key of each row's columns and scale) when this layer's few-token rows
-        can run all the batch's adapters side by side (_add_stacked); None when the slots' own path is as cheap or
+        can run all the batch's adapters side by side (add_stacked); None when the slots' own path is as cheap or
         the only one that applies."""
         if layer.type.takes_ids or (len(parts) == 1 and isinstance(parts[0][1], int)):
             return None  # ids (an embedding) have no product to share; one slot for all rows is already two products
@@ -268,6 +276,27 @@ class RowPlan:
         return value
 
 
+# Rows grouped by adapter (a server keeps its running rows so) run each group's two products on its own rows, in place:
+# no gather, no mask, no work for other rows. Used up to this many groups; beyond, the other paths.
+MAX_RUNS = 4
+
+
+def _runs(layer, per_row: list) -> tuple | None:
+    """((start, end, slot), ...) for the consecutive rows sharing one slot, when there are at most MAX_RUNS such runs."""
+    if layer.type.takes_ids:
+        return None
+    runs, start = [], 0
+    for i in range(1, len(per_row) + 1):
+        if i == len(per_row) or per_row[i] is not per_row[start]:
+            slot = per_row[start]
+            if slot is not None:
+                if slot.group.G is not None or len(runs) == MAX_RUNS:
+                    return None
+                runs.append((start, i, slot))
+            start = i
+    return tuple(runs) or None
+
+
 def _repeats(names: int, n: int, x: torch.Tensor) -> int:
     """How many rows of the input each name covers (generate() repeats a row per beam / return sequence)."""
     if n == names:
@@ -290,32 +319,6 @@ def _stack_mask(ranks: tuple[int, ...], rows: tuple, repeats: int, group: SlotGr
             line[starts[j]:starts[j + 1]] = [scale] * ranks[j]
     mask = torch.tensor(mask, dtype=group.A.dtype, device=group.A.device)
     return mask if repeats == 1 else mask.repeat_interleave(repeats, 0)
-
-
-def _add_stacked(layer, y: torch.Tensor, x: torch.Tensor, n: int, order: tuple, mask: torch.Tensor) -> torch.Tensor:
-    """y + each row's `scale · (x · Aᵀ) · Bᵀ` for few-token rows: every adapter of the batch side by side, each row
-    keeping its own adapter's columns (STACK_MAX_RANK)."""
-    A, B = _stacked_factors(layer, order)
-    t = x.reshape(n, -1, x.shape[-1]).to(A.dtype) @ A
-    t = t.mul_(mask.view(n, 1, -1)).view(-1, A.shape[1])
-    return _add(y, t, B, x)
-
-
-def _stacked_factors(layer, order: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """(in, total rank) and (total rank, out): the slots' Aᵀ and Bᵀ side by side. The layer keeps the last such copy
-    (at most STACK_MAX_RANK ranks' worth of factors): consecutive decode steps mostly run the same adapters, and
-    the copy costs more than the products it serves. Any write into one of its slots makes a new one."""
-    if len(order) == 1:
-        return order[0].group.A[order[0].index], order[0].group.B[order[0].index]
-    pool = layer.row_slots
-    key = tuple((id(s.group), s.group.writes, s.index) for s in order)
-    stacked = pool.stacked
-    if stacked is not None and stacked[0] == key:
-        return stacked[1], stacked[2]
-    A = torch.cat([s.group.A[s.index] for s in order], 1)
-    B = torch.cat([s.group.B[s.index] for s in order], 0)
-    pool.stacked = (key, A, B)
-    return A, B
 
 
 def _layout(per_row: list) -> list[tuple]:
@@ -357,123 +360,3 @@ def _lane_layout(per_row: list, weights: list[float]) -> list[tuple]:
         else:
             out.append((key, torch.tensor(idx, device=device), None if whole else torch.tensor(rows, device=device), scale))
     return out
-
-
-def _add_into_rows(y: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    if torch.is_grad_enabled():
-        return y.index_add(0, rows, delta, alpha=alpha)
-    return y.index_add_(0, rows, delta, alpha=alpha)
-
-
-def _row_scales(group: SlotGroup, slots: torch.Tensor, scale) -> torch.Tensor:
-    """Each row's scale when its rows do not share one: its slot's, or a mix's (slot scale × weight, precomputed)."""
-    return group.scale[slots] if scale is None else scale
-
-
-def _add_slots(layer, group: SlotGroup, slots, x: torch.Tensor, y: torch.Tensor | None, plan: RowPlan,
-               scale) -> torch.Tensor:
-    """y + each row's `scale · (x · Aᵀ[slot]) · Bᵀ[slot]` for rows whose adapters all sit in `group` (in place into y
-    when no graph is recorded). `scale`: the one scale of all these rows (a float), None to read each row's from
-    its slot, or a tensor with each row's. With y None, the delta alone, shaped like x with the output's width (not
-    multiplied by a common float `scale`: the caller does)."""
-    if isinstance(slots, int):
-        return _add_one(layer, group, slots, x, y, scale)
-    if layer.type.takes_ids:
-        return _add_embedding_rows(group, slots, x, y, scale)
-    x3 = x.reshape(slots.shape[0], -1, x.shape[-1])
-    if x3.shape[1] > FEW_TOKENS:
-        return _add_rows(group, slots, x3, y, scale)
-    in_f, r = group.A.shape[1:]
-    index = plan._cached(("bags", id(slots), x3.shape[1], in_f, r), lambda: _bag_index(slots, x3.shape[1], in_f, r))
-    return _add_rows_in_place(group, slots, index, x3, y, scale)
-
-
-def _column_factors(scaled: list[tuple], y: torch.Tensor, n: int) -> torch.Tensor:
-    """Each row's per-feature factor G (1 for rows whose adapter has none), shaped to broadcast over its tokens."""
-    if len(scaled) == 1 and scaled[0][2] is None:
-        group, slots, _ = scaled[0]
-        g = group.G[slots]
-        if isinstance(slots, int):
-            return g
-    else:
-        g = torch.ones(n, y.shape[-1], dtype=scaled[0][0].G.dtype, device=y.device)
-        for group, slots, rows in scaled:
-            g[slice(None) if rows is None else rows] = group.G[slots]
-    return g.view(g.shape[0], *[1] * (y.dim() - 2), g.shape[1])
-
-
-def _rescale(layer, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """`g ⊙ (y − bias) + bias`: DoRA's per-feature factor applies to the weight's product, not to the bias."""
-    bias = layer.bias
-    if bias is None:
-        return y * g.to(y.dtype)
-    return torch.addcmul(bias, y - bias, g.to(y.dtype))
-
-
-def _add_one(layer, group: SlotGroup, s: int, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    """Every row runs slot `s` at one `scale` (its own, or a mix's weight times it): plain matrix products, at the
-    adapter's own rank."""
-    A, B = group.A[s], group.B[s]
-    r = A.shape[1]
-    t = F.embedding(x, A) if layer.type.takes_ids else x.to(A.dtype) @ A
-    return _add(y, t.reshape(-1, r), B, x, scale)
-
-
-def _add_rows(group: SlotGroup, slots: torch.Tensor, x3: torch.Tensor, y: torch.Tensor | None,
-              scale) -> torch.Tensor:
-    """Row i adds `scale_i · (x_i · A[slot_i]) · B[slot_i]`: gather each row's factors, two batched products (BGMV);
-    the scale multiplies the r-wide product, the cheapest place for it."""
-    t = torch.bmm(x3.to(group.A.dtype), group.A[slots])
-    if type(scale) is not float:
-        t.mul_(_row_scales(group, slots, scale).view(-1, 1, 1))
-    return _add(y, t, group.B[slots], x3, scale if type(scale) is float else 1.0)
-
-
-def _add_rows_in_place(group: SlotGroup, slots: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor],
-                       x3: torch.Tensor, y: torch.Tensor | None, scale) -> torch.Tensor:
-    """The same sum for few tokens per row, without copying any factor: token j of row i is a bag of the
-    rows `slot_i·in + k` of A (viewed as (slots·in, r)) weighted by x_ijk; then likewise through B."""
-    index_A, index_B = index
-    A, B = group.A.view(-1, group.A.shape[-1]), group.B.view(-1, group.B.shape[-1])
-    t = F.embedding_bag(index_A, A, per_sample_weights=x3.reshape(-1, x3.shape[-1]).to(A.dtype), mode="sum")
-    if type(scale) is not float:
-        t = t.view(x3.shape[0], x3.shape[1], -1).mul_(_row_scales(group, slots, scale).view(-1, 1, 1)).view(-1, t.shape[-1])
-    delta = F.embedding_bag(index_B, B, per_sample_weights=t, mode="sum")
-    if y is None:
-        return delta.view(*x3.shape[:-1], -1)
-    delta, alpha = delta.view(y.shape), scale if type(scale) is float else 1.0
-    if y.dtype == delta.dtype and not torch.is_grad_enabled():
-        return y.add_(delta, alpha=alpha)
-    return y + alpha * delta.to(y.dtype)
-
-
-def _bag_index(slots: torch.Tensor, tokens: int, in_f: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token (rows × tokens), the rows of the flattened A and B its row's slot owns."""
-    index_A = (slots[:, None] * in_f + torch.arange(in_f, device=slots.device)).repeat_interleave(tokens, 0)
-    index_B = (slots[:, None] * r + torch.arange(r, device=slots.device)).repeat_interleave(tokens, 0)
-    return index_A, index_B
-
-
-def _add_embedding_rows(group: SlotGroup, slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
-                        scale) -> torch.Tensor:
-    n = slots.shape[0]
-    t = group.A[slots.view(-1, *[1] * (x.dim() - 1)), x]  # (n, ..., r): each token's row of its adapter's Aᵀ
-    t = t.reshape(n, -1, t.shape[-1])
-    if type(scale) is not float:
-        t = t * _row_scales(group, slots, scale).view(-1, 1, 1)
-    return _add(y, t, group.B[slots], x, scale if type(scale) is float else 1.0)
-
-
-def _add(y: torch.Tensor | None, t: torch.Tensor, B: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """y + alpha·t·B, in place into y when no graph is recorded (saves a pass over the output); t·B (without alpha)
-    shaped like x's rows (with the output's width) when y is None."""
-    batched = t.dim() == 3
-    if y is None:  # x: the rows' input, ids (for an embedding) or features
-        delta = torch.bmm(t, B) if batched else t @ B
-        return delta.view(*(x.shape if not x.is_floating_point() else x.shape[:-1]), B.shape[-1])
-    if y.dtype == t.dtype and y.is_contiguous() and not torch.is_grad_enabled():
-        out = y.view(*t.shape[:-1], y.shape[-1])
-        out.baddbmm_(t, B, alpha=alpha) if batched else out.addmm_(t, B, alpha=alpha)
-        return y
-    delta = torch.bmm(t, B) if batched else t @ B
-    return y + alpha * delta.view(y.shape).to(y.dtype)

@@ -22,17 +22,18 @@ from .errors import LorakitError
 FIRST_CAPACITY = 4
 # Writers (put in, refresh, free, grow) take this lock; readers (forward passes) never do.
 _WRITE = threading.RLock()
-_writes = 0  # slot changes in this process (writes, publishes, frees): a kept row plan is stale once it moves
+# Per adapter name, how many times its slots were published, refreshed or freed in this process (on any layer, any
+# model): a kept row plan (rows.RowPlan.stale) compares its adapters' counts, so loading other adapters leaves it be.
+_changes: dict[str, int] = {}
 
 
-def writes() -> int:
-    """How many slot changes this process has made so far (rows.RowPlan.stale compares it)."""
-    return _writes
+def changes(name: str) -> int:
+    """How many times `name`'s slots changed so far (published, refreshed, freed)."""
+    return _changes.get(name, 0)
 
 
-def _changed() -> None:
-    global _writes
-    _writes += 1
+def _changed(name: str) -> None:
+    _changes[name] = _changes.get(name, 0) + 1
 
 
 class SlotError(LorakitError, ValueError):
@@ -51,7 +52,7 @@ class SlotGroup:
     G: torch.Tensor | None = None  # (capacity, out): per-feature factor (DoRA), 1 for others; made on first need
     free: list[int] = field(default_factory=list)
     used: int = 0  # slots handed out so far (the high-water mark)
-    writes: int = 0  # bumped by every write into a slot: copies made of slots (rows.py's stacks) compare it
+    writes: list[int] = field(default_factory=list)  # per slot, bumped by each write into it: copies of slots compare it
 
     @property
     def capacity(self) -> int:
@@ -115,6 +116,7 @@ def put_in_slot(layer, name: str, adapter, capacity: int | None = None) -> Slot:
                 if old.group.key == _group_key(At, Bt):  # refresh in place (a training step, new weights)
                     _write(old.group, old.index, At, Bt, scale, adapter.row_column_scale(layer), layer)
                     old.version = adapter.row_version()
+                    _changed(name)
                     return old
         return publish_slot(layer, name, stage_slot(layer, adapter, capacity))
 
@@ -150,7 +152,7 @@ def publish_slot(layer, name: str, slot: Slot) -> Slot:
                        and adapter.share_row_slot(layer, slot.group.A[slot.index], slot.group.B[slot.index]))
         slot.version = adapter.row_version()  # after sharing: its pointers moved
         pool.slots[name] = slot  # published: forward passes may use it from here on
-        _changed()
+        _changed(name)
         return slot
 
 
@@ -175,7 +177,7 @@ def free_slot(layer, name: str) -> None:
                 if p.untyped_storage().data_ptr() in storages:
                     p.data = p.data.clone()
         slot.group.free.append(slot.index)
-        _changed()
+        _changed(name)
 
 
 def current_slot(layer, name: str, adapter) -> Slot:
@@ -218,7 +220,7 @@ def _new_group(key: tuple, layer, capacity: int) -> SlotGroup:
     # torch.empty: pages of capacity not handed out yet are never touched, so they take no memory.
     return SlotGroup(key, torch.empty(capacity, in_f, r, dtype=dtype, device=device),
                      torch.empty(capacity, r, out_f, dtype=dtype, device=device),
-                     torch.zeros(capacity, dtype=dtype, device=device), [0.0] * capacity)
+                     torch.zeros(capacity, dtype=dtype, device=device), [0.0] * capacity, writes=[0] * capacity)
 
 
 def _take(layer, pool: SlotPool, group: SlotGroup) -> int:
@@ -245,8 +247,8 @@ def _grow(layer, pool: SlotPool, group: SlotGroup) -> None:
         G = torch.empty(capacity, group.G.shape[1], dtype=group.G.dtype, device=group.G.device)
         G[:n] = group.G[:n]
     group.A, group.B, group.scale, group.G = A, B, scale, G
-    _changed()
     group.scales += [0.0] * (capacity - len(group.scales))
+    group.writes += [0] * (capacity - len(group.writes))
     for slot in pool.slots.values():  # shared adapters follow their slot into the new buffers
         if slot.group is group and slot.shared:
             slot.adapter.share_row_slot(layer, A[slot.index], B[slot.index])
@@ -254,8 +256,7 @@ def _grow(layer, pool: SlotPool, group: SlotGroup) -> None:
 
 
 def _write(group: SlotGroup, i: int, At: torch.Tensor, Bt: torch.Tensor, scale: float, g, layer) -> None:
-    group.writes += 1
-    _changed()
+    group.writes[i] += 1
     if At.data_ptr() != group.A[i].data_ptr():  # a shared adapter's refresh: already in place
         group.A[i].copy_(At)
     if Bt.data_ptr() != group.B[i].data_ptr():
