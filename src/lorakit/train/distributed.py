@@ -3,6 +3,7 @@ torch.distributed (torchrun sets the environment): nccl with one GPU per process
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -62,4 +63,8 @@ def init_world(device: str | torch.device = "auto") -> World:
 
 def close_world(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
+        # DDP's reducer holds the process group; freed only by a cycle collection, it would tear the group's threads
+        # down at interpreter exit instead, where gloo can abort ("terminate called without an active exception").
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
