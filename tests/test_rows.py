@@ -291,6 +291,28 @@ def test_a_kept_plan_runs_again_until_a_slot_changes(llama3):
     assert plan.stale()
 
 
+def test_a_trusted_plan_takes_slots_as_they_are(llama3):
+    """row_plan(..., trust_slots=True) (a server's: its adapters change only through slots) does not re-read the
+    adapters' tensors: after an in-place change it still runs the slots' copies, while a default plan refreshes them."""
+    from lorakit.adapters import row_plan
+
+    names = ["a", None, "b"]
+    x = ids(3, 2)
+    for name, p in llama3.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)  # trainable: their slots hold copies (a frozen adapter's tensors are its slot)
+    with torch.no_grad():
+        before = llama3(x, adapter_names=names).logits
+    randomise_lora(llama3, std=0.1, seed=11)
+    with torch.no_grad():
+        with adapter_rows(llama3, row_plan(llama3, names, trust_slots=True)):
+            trusted = llama3(x).logits
+        fresh = llama3(x, adapter_names=names).logits
+    torch.testing.assert_close(trusted, before, atol=0, rtol=0)
+    torch.testing.assert_close(fresh, rows_alone(llama3, x, names), atol=ATOL, rtol=0)
+    assert (fresh - before).abs().max() > 1e-3
+
+
 def test_normal_path_is_untouched(llama3):
     x = ids(2)
     lorakit.set_active(llama3, "b")

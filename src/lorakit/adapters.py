@@ -166,10 +166,12 @@ def adapter_rows(model: nn.Module, names: "RowNames | rows.RowPlan") -> Iterator
         yield model
 
 
-def row_plan(model: nn.Module, names: RowNames) -> rows.RowPlan:
+def row_plan(model: nn.Module, names: RowNames, trust_slots: bool = False) -> rows.RowPlan:
     """A checked plan for `names` that `adapter_rows(model, plan)` can run for several batches of the same rows, as
-    long as `plan.stale()` is False and nothing but slot loads/frees changes the model's adapters meanwhile."""
-    return rows.RowPlan(check_names(model, names))
+    long as `plan.stale()` is False and nothing but slot loads/frees changes the model's adapters meanwhile.
+    `trust_slots`: adapters already in slots are used as they are, without checking their tensors for changes made
+    in place (for an owner, like a server, whose adapters change only through their slots)."""
+    return rows.RowPlan(check_names(model, names), trust_slots)
 
 
 def check_names(model: nn.Module, names: RowNames) -> tuple[rows.RowChoice, ...]:

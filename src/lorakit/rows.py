@@ -48,6 +48,9 @@ _PLAN: contextvars.ContextVar = contextvars.ContextVar("lorakit_row_plan", defau
 # for the slots' gathers; the masked-out columns cost little while the total rank stays small (see STACK_MAX_RANK
 # in docs/benchmarks.md, "Decode step").
 STACK_MAX_RANK = 128
+# ... and up to this many distinct adapters: with more, the batch's set changes at nearly every step (a server with
+# many adapters), so the side-by-side copy would be remade each time, and the gathered path is as fast without it.
+STACK_MAX_ADAPTERS = 4
 
 
 class MixedBatchError(LorakitError, ValueError):
@@ -92,8 +95,11 @@ class RowPlan:
     model's adapters, and only through their slots (a server's engine), may keep it for the next batch of the
     same rows until `stale()`: layouts are then not re-derived, nor adapters' versions re-read, at every layer."""
 
-    def __init__(self, names: tuple[RowChoice, ...]):
+    def __init__(self, names: tuple[RowChoice, ...], trust_slots: bool = False):
         self.names = names
+        # Trusted: an adapter already in a slot is taken as it is, without re-reading its tensors' versions (a
+        # server's adapters change only through their slots; a training loop's change in place, so by default not).
+        self.trust_slots = trust_slots
         self.mixed = any(type(n) is tuple for n in names)
         if self.mixed:
             self.distinct = {a for n in names for a in adapters_of(n)}
@@ -156,7 +162,7 @@ class RowPlan:
             raise MixedBatchError(f"per-row adapters support Linear, GPT-2 Conv1D and Embedding layers, not {type(layer.base_layer).__name__}")
         if self.mixed or not all(a.per_row for a in present.values()):
             return *self._prepare_lanes(layer, present), None, None
-        slots = {n: current_slot(layer, n, a) for n, a in present.items()}
+        slots = {n: self._slot(layer, n, a) for n, a in present.items()}
         # What follows depends only on the names and the slots: consecutive decode steps (new plans, same rows) reuse
         # the layer's last result. Slots compare by identity and are held by the key, so a new one never matches.
         state = (self.names, tuple(sorted((n, s, s.version) for n, s in slots.items())))
@@ -166,6 +172,13 @@ class RowPlan:
         prepared = self._prepare_slots(layer, slots)
         layer.row_slots.prepared = (state, prepared)
         return prepared
+
+    def _slot(self, layer, name: str, adapter):
+        if self.trust_slots:
+            slot = layer.row_slots.slots.get(name) if layer.row_slots is not None else None
+            if slot is not None and slot.adapter is adapter:
+                return slot
+        return current_slot(layer, name, adapter)
 
     def _prepare_slots(self, layer, slots: dict) -> tuple[list[tuple], tuple, tuple | None]:
         per_row = [slots.get(n) if n is not None else None for n in self.names]
@@ -187,7 +200,8 @@ class RowPlan:
             return None  # ids (an embedding) have no product to share; one slot for all rows is already two products
         # In slot order, not row order: the same adapters in other rows reuse the layer's kept copy.
         order = sorted({s for s in per_row if s is not None}, key=lambda s: (s.group.key[0], s.index))
-        if (sum(s.group.key[0] for s in order) > STACK_MAX_RANK or len({s.group.key[1:] for s in order}) > 1
+        if (len(order) > STACK_MAX_ADAPTERS or sum(s.group.key[0] for s in order) > STACK_MAX_RANK
+                or len({s.group.key[1:] for s in order}) > 1
                 or any(s.group.G is not None for s in order)):  # DoRA's factor G stays on the slots' path
             return None
         position = {id(s): i for i, s in enumerate(order)}
@@ -225,7 +239,7 @@ class RowPlan:
                     continue
                 slot = slots.get(name)
                 if slot is None:
-                    slot = slots[name] = current_slot(layer, name, a)
+                    slot = slots[name] = self._slot(layer, name, a)
                 if k == len(lanes):
                     lanes.append(([None] * n, [0.0] * n))
                 lanes[k][0][i], lanes[k][1][i] = slot, weight

@@ -181,11 +181,17 @@ def test_decode_steps_keep_one_row_plan_until_the_rows_or_slots_change(engine, m
     """The same running rows reuse one per-row plan across decode steps, also while another adapter is loaded; a
     change to the slots of a running row's adapter makes the engine derive a new one, and every row still computes
     what it computes alone."""
-    import lorakit.adapters
+    made, plans = [], []
+    real = engine._rows_plan
 
-    made = []
-    real = lorakit.adapters.row_plan
-    monkeypatch.setattr(lorakit.adapters, "row_plan", lambda *a: made.append(a[1]) or real(*a))
+    def rows_plan(adapters):  # records each new decode plan with its rows' adapters (plans kept: ids stay unique)
+        plan = real(adapters)
+        if not any(p is plan for p in plans):
+            plans.append(plan)
+            made.append(list(plan.names))
+        return plan
+
+    monkeypatch.setattr(engine, "_rows_plan", rows_plan)
     greedy = SamplingParams(max_tokens=12, temperature=0)
     jobs = [([3, 4, 5], "a", greedy), ([7, 8], None, greedy), ([1, 2, 3], "b", greedy)]
     alone = [run(engine, [job])[0] for job in jobs]

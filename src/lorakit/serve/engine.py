@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .. import rows
 from ..device import model_device
 from ..errors import ConfigError, LorakitError
 from .batch_cache import BatchCache
@@ -308,14 +309,16 @@ class Engine:
         kept = self._decode_plan
         if kept is not None and kept[0] == adapters and not kept[1].stale():
             return kept[1]
-        plan = row_plan(self.model, adapters)
+        plan = row_plan(self.model, adapters, trust_slots=True)
         self._decode_plan = (adapters, plan)
         return plan
 
     def _forward(self, ids, adapters, cache, **kwargs) -> torch.Tensor:
         """One forward with row i running adapters[i] (a list of choices, or a kept row plan)."""
-        from ..adapters import adapter_rows
+        from ..adapters import adapter_rows, row_plan
 
+        if not isinstance(adapters, rows.RowPlan):  # the engine's adapters change only through their slots
+            adapters = row_plan(self.model, adapters, trust_slots=True)
         with adapter_rows(self.model, adapters):
             out = self.model(ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}, **kwargs)
         return out.logits[:, -1]
