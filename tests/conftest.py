@@ -115,6 +115,20 @@ def randomise_lora(model, std=0.2, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def save_experts(model_dir, root, std=0.1) -> dict[str, str]:
+    """Two rank-4 adapters on overlapping layers, "code" (q_proj, v_proj) and "chat" (v_proj, up_proj), saved under
+    `root`: the experts of the mixture tests. {name: directory}."""
+    import lorakit
+
+    paths = {}
+    for i, (name, targets) in enumerate((("code", ["q_proj", "v_proj"]), ("chat", ["v_proj", "up_proj"]))):
+        model = load(model_dir)
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=targets))
+        randomise_lora(model, std=std, seed=i)
+        paths[name] = str(lorakit.save_adapter(model, root / name))
+    return paths
+
+
 def tiny_tokenizer():
     """A character-level tokenizer (101 symbols) built offline, saved like any Hugging Face tokenizer."""
     import string

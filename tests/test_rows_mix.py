@@ -11,7 +11,7 @@ from lorakit.adapters import adapter_rows, check_names
 from lorakit.errors import AdapterNotFoundError
 from lorakit.rows import MixedBatchError
 
-from .conftest import VOCAB, load, randomise_lora
+from .conftest import VOCAB, load, randomise_lora, save_experts
 
 ATOL = 1e-5
 MIX = {"a": 0.6, "b": 0.4}
@@ -129,12 +129,7 @@ def test_dora_alone_and_inside_a_mix(llama2):
 
 def test_a_mixture_router_runs_per_row_by_its_own_output(llama_dir, tmp_path):
     """A learned mixture has no slots: its rows run its output() on their subset, beside slotted rows and mixes."""
-    paths = {}
-    for i, (name, targets) in enumerate((("code", ["q_proj", "v_proj"]), ("chat", ["v_proj", "up_proj"]))):
-        model = load(llama_dir)
-        lorakit.inject(model, LoraConfig(r=4, alpha=8, target_modules=targets))
-        randomise_lora(model, std=0.1, seed=i)
-        paths[name] = str(lorakit.save_adapter(model, tmp_path / name))
+    paths = save_experts(llama_dir, tmp_path)
     model = load(llama_dir)
     lorakit.add_mixture(model, lorakit.MixtureConfig(experts=paths))
     g = torch.Generator().manual_seed(0)

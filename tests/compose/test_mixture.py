@@ -9,20 +9,14 @@ from lorakit.errors import AdapterExistsError, ConfigError, IncompatibleAdapterE
 from lorakit.rows import MixedBatchError
 from lorakit.state import lora_layers
 
-from ..conftest import load, randomise_lora
+from ..conftest import load, save_experts
 
 ATOL = 1e-5
 
 
 @pytest.fixture
 def experts(llama_dir, tmp_path):
-    paths = {}
-    for i, (name, targets) in enumerate((("code", ["q_proj", "v_proj"]), ("chat", ["v_proj", "up_proj"]))):
-        model = load(llama_dir)
-        lorakit.inject(model, LoraConfig(r=4, alpha=8, target_modules=targets))
-        randomise_lora(model, std=0.1, seed=i)
-        paths[name] = str(lorakit.save_adapter(model, tmp_path / name))
-    return paths
+    return save_experts(llama_dir, tmp_path)
 
 
 def _random_routers(model, seed=0):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import LoraConfig, MixtureConfig
+from lorakit import MixtureConfig
 from lorakit.state import adapter_layers
 
-from ..conftest import load, randomise_lora, tiny_tokenizer
+from ..conftest import load, save_experts, tiny_tokenizer
 
 PROMPTS = ["w: a\nc:", "w: bb\nc:"]
 
@@ -19,12 +19,7 @@ PROMPTS = ["w: a\nc:", "w: bb\nc:"]
 @pytest.fixture
 def mix_dir(lm_dir, tmp_path):
     """Two experts on different layers and a mixture of them with random routers (std 1: far from the average)."""
-    experts = {}
-    for i, (name, targets) in enumerate((("code", ["q_proj", "v_proj"]), ("chat", ["v_proj", "up_proj"]))):
-        model = load(lm_dir)
-        lorakit.inject(model, LoraConfig(r=4, alpha=8, target_modules=targets))
-        randomise_lora(model, std=0.5, seed=i)
-        experts[name] = str(lorakit.save_adapter(model, tmp_path / name))
+    experts = save_experts(lm_dir, tmp_path, std=0.5)
     model = load(lm_dir)
     lorakit.add_mixture(model, MixtureConfig(experts=experts, top_k=1, load_balance=0.05), name="mix")
     g = torch.Generator().manual_seed(0)
