@@ -1,5 +1,7 @@
 """`lorakit generate` (one adapter, or one per prompt) and the plain-words diagnostics."""
 
+from pathlib import Path
+
 import pytest
 
 import lorakit
@@ -42,6 +44,7 @@ def test_one_adapter_per_prompt_matches_running_each_alone(lm_dir, two_adapters)
     assert len(set(got)) > 1
     assert generate(str(lm_dir), [two_adapters[1]], prompts[:2], max_new_tokens=6) == [
         reference(lm_dir, two_adapters[1], p, 6) for p in prompts[:2]]
+    assert generate(lm_dir, [Path(two_adapters[0]), two_adapters[1], "base"], prompts, max_new_tokens=6) == got
 
 
 def test_adapter_count_must_fit_prompts(lm_dir, two_adapters):

@@ -4,6 +4,7 @@ in one batch."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -35,7 +36,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
+def generate(base: str, adapters: list[str | os.PathLike], prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool = False, device: str | torch.device = "auto") -> list[str]:
     from .. import load_adapter
     from ..chat import prompt_ids
@@ -46,6 +47,7 @@ def generate(base: str, adapters: list[str], prompts: list[str], max_new_tokens:
     if adapters and len(adapters) not in (1, len(prompts)):
         raise ConfigError(f"got {len(adapters)} --adapter values for {len(prompts)} prompts: give one adapter for all "
                           "prompts, or exactly one per prompt")
+    adapters = [str(a) for a in adapters]  # paths or names, as str: "base" is a word, not a path
     base = resolve_base(base, tokenizer=True)
     real = [a for a in adapters if a.lower() not in BASE_WORDS]
     configs = [_first_config(a) for a in dict.fromkeys(real)]  # a bad adapter fails before the model loads
