@@ -137,7 +137,9 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_dA:
             dA = gr.T @ x2
         if ctx.needs_input_grad[4]:
-            dB = (dy2.T @ t).mul_(ctx.scale)
+            # tᵀ·dy, transposed: the same numbers as dyᵀ·t, but BLAS runs this orientation ~1.9x faster on CPU
+            # (bench/core.py; a (rows × out)ᵀ·(rows × r) product is the slow case).
+            dB = (t.T @ dy2).T.mul_(ctx.scale)
             if g is not None:
                 dB.mul_(g[:, None])
         if z is not None:
