@@ -115,6 +115,28 @@ def randomise_lora(model, std=0.2, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def alone(model, x, choice, **kw):
+    """The usual way to run a row's choice: that adapter (or a mix, as weighted active adapters) active, the adapters
+    disabled for None; nothing per-row. The reference the per-row tests compare with."""
+    import lorakit
+
+    with torch.no_grad():
+        if choice is None:
+            with lorakit.disabled(model):
+                return model(x, **kw).logits
+        lorakit.set_active(model, choice)
+        return model(x, **kw).logits
+
+
+def rows_alone(model, x, names):
+    """Each row of `x` run alone with its own choice, stacked back into one batch."""
+    return torch.cat([alone(model, x[i : i + 1], n) for i, n in enumerate(names)])
+
+
+def row_ids(rows, length=10, seed=3):
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
 def save_experts(model_dir, root, std=0.1) -> dict[str, str]:
     """Two rank-4 adapters on overlapping layers, "code" (q_proj, v_proj) and "chat" (v_proj, up_proj), saved under
     `root`: the experts of the mixture tests. {name: directory}."""

@@ -8,17 +8,8 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.state import lora_layers
 
-from .conftest import VOCAB
+from .conftest import VOCAB, alone
 from .test_dora import ATOL, randomise_dora
-
-
-def alone(model, x, name):
-    with torch.no_grad():
-        if name is None:
-            with lorakit.disabled(model):
-                return model(x).logits
-        lorakit.set_active(model, name)
-        return model(x).logits
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -15,7 +15,8 @@ from lorakit.adapters import adapter_rows
 from lorakit import rows as rows_module
 from lorakit.rows import MixedBatchError
 
-from .conftest import VOCAB, randomise_lora
+from .conftest import alone, randomise_lora, rows_alone
+from .conftest import row_ids as ids
 
 ATOL = 1e-5
 
@@ -37,24 +38,6 @@ def gpt2_2(gpt2):
     lorakit.inject(gpt2, LoraConfig(r=6, alpha=3, target_modules=["c_attn"]), adapter="b")
     randomise_lora(gpt2, std=0.1)
     return gpt2
-
-
-def ids(rows, length=10, seed=3):
-    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
-
-
-def alone(model, x, name, **kw):
-    """The usual way: `name` active (or the adapters disabled for None), nothing per-row."""
-    with torch.no_grad():
-        if name is None:
-            with lorakit.disabled(model):
-                return model(x, **kw).logits
-        lorakit.set_active(model, name)
-        return model(x, **kw).logits
-
-
-def rows_alone(model, x, names):
-    return torch.cat([alone(model, x[i : i + 1], n) for i, n in enumerate(names)])
 
 
 NAMES = [

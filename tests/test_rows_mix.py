@@ -11,7 +11,8 @@ from lorakit.adapters import adapter_rows, check_names
 from lorakit.errors import AdapterNotFoundError
 from lorakit.rows import MixedBatchError
 
-from .conftest import VOCAB, load, randomise_lora, save_experts
+from .conftest import alone, load, randomise_lora, rows_alone, save_experts
+from .conftest import row_ids as ids
 
 ATOL = 1e-5
 MIX = {"a": 0.6, "b": 0.4}
@@ -26,24 +27,6 @@ def llama2(llama):
     lorakit.inject(llama, LoraConfig(r=8, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]), adapter="b")
     randomise_lora(llama, std=0.1)
     return llama
-
-
-def ids(rows, length=10, seed=3):
-    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
-
-
-def alone(model, x, choice):
-    """The usual way: the adapter, or the mix as weighted active adapters (base for None), nothing per-row."""
-    with torch.no_grad():
-        if choice is None:
-            with lorakit.disabled(model):
-                return model(x).logits
-        lorakit.set_active(model, choice)
-        return model(x).logits
-
-
-def rows_alone(model, x, names):
-    return torch.cat([alone(model, x[i : i + 1], n) for i, n in enumerate(names)])
 
 
 @pytest.mark.parametrize("length", [10, 3], ids=["batched-products", "few-tokens"])

@@ -56,6 +56,23 @@ def same_state(a, b):
                                         for k in a)
 
 
+def merge_cycles(model, tokens, cycles=2):
+    """Merge and unmerge `cycles` times, checking after each unmerge that the packed weights and their quantisation
+    state are back bit for bit and, at the end, that the logits are the unmerged ones exactly. (unmerged, merged)."""
+    with torch.no_grad():
+        unmerged = model(tokens).logits
+    before = packed_state(model)
+    for _ in range(cycles):
+        lorakit.merge(model)
+        with torch.no_grad():
+            merged = model(tokens).logits
+        lorakit.unmerge(model)
+        assert same_state(before, packed_state(model))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, unmerged)
+    return unmerged, merged
+
+
 def peft_twin(path, ours, quantize="nf4", r=4):
     """PEFT's QLoRA on its own quantised load of the same base, holding our A and B."""
     from peft import LoraConfig as PeftLoraConfig
@@ -158,18 +175,8 @@ def test_merge_then_unmerge_restores_the_packed_weights_bit_for_bit(llama_dir, t
     model = qlora(llama_dir)
     if layout == "cpu_packed":
         repack_for_cpu(model)
-    with torch.no_grad():
-        unmerged = model(tokens).logits
-    before = packed_state(model)
-    for _ in range(2):
-        lorakit.merge(model)
-        with torch.no_grad():
-            merged = model(tokens).logits
-        lorakit.unmerge(model)
-        assert same_state(before, packed_state(model))
+    unmerged, merged = merge_cycles(model, tokens)
     assert qbnb.is_cpu_packed(model.model.layers[0].mlp.up_proj.base_layer.weight) == (layout == "cpu_packed")
-    with torch.no_grad():
-        assert torch.equal(model(tokens).logits, unmerged)
     # merged back into 4 bits, part of the update is rounded away: close to the unmerged output, not equal
     assert 1e-4 < (merged - unmerged).abs().max() < 0.5
     plain = lorakit.merge_and_unload(model)
