@@ -150,6 +150,14 @@ def small_server(serve_root):
     s.close()
 
 
+def completion_text(server, model, prompt, max_tokens: int = 8, **kw) -> str:
+    """The text of a greedy /v1/completions answer from `model` (an adapter, a mix, a mixture); asserts 200."""
+    r = server.http.post("/v1/completions", json={"model": model, "prompt": prompt, "temperature": 0,
+                                                   "max_tokens": max_tokens, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
 def wait_for(condition, timeout: float = 30.0) -> None:
     """Poll until `condition()` holds (the timeout only guards against a hang; no test asserts a duration)."""
     deadline = time.monotonic() + timeout

@@ -4,6 +4,7 @@ of a mix is pinned like one adapter; bad mixes get a clear 4xx."""
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import lorakit
 
-from .conftest import wait_for
+from .conftest import completion_text, wait_for
 
 pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -41,11 +42,7 @@ def mix_server(server, combined):
     return server
 
 
-def text(server, model, prompt, **kw):
-    kw.setdefault("max_tokens", 10)
-    r = server.http.post("/v1/completions", json={"model": model, "prompt": prompt, "temperature": 0, **kw})
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
+text = functools.partial(completion_text, max_tokens=10)
 
 
 def pins(server) -> dict[str, int]:

@@ -5,6 +5,7 @@ broken mixtures are refused naming the file."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +17,7 @@ from lorakit.errors import AdapterFileError, AdapterFileNotFoundError, Incompati
 from lorakit.serve.store import AdapterStore
 from lorakit.state import adapter_layers
 
-from .conftest import KEY, Server, wait_for, word_tokenizer
+from .conftest import KEY, Server, completion_text, wait_for, word_tokenizer
 
 pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -75,11 +76,7 @@ def library(serve_root, mix_dir):
     return run
 
 
-def text(server, model, prompt, **kw):
-    kw.setdefault("max_tokens", 8)
-    r = server.http.post("/v1/completions", json={"model": model, "prompt": prompt, "temperature": 0, **kw})
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
+text = functools.partial(completion_text, max_tokens=8)
 
 
 def on_model(server) -> list[str]:
