@@ -115,6 +115,16 @@ def randomise_lora(model, std=0.2, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def perturb(model, seed=0):
+    """Stand-in for training: move every trainable tensor a little (in name order, so two libraries' copies of one
+    adapter move alike)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
 def alone(model, x, choice, **kw):
     """The usual way to run a row's choice: that adapter (or a mix, as weighted active adapters) active, the adapters
     disabled for None; nothing per-row. The reference the per-row tests compare with."""

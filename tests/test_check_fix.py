@@ -17,7 +17,7 @@ from lorakit.cli import main
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.state import adapter_layers
 
-from .conftest import load, randomise_lora
+from .conftest import load, perturb, randomise_lora
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 ATOL = 1e-5
@@ -32,15 +32,6 @@ def peft_logits(base_dir, adapter_dir, tokens):
     from peft import PeftModel
 
     return logits(PeftModel.from_pretrained(load(base_dir), adapter_dir).eval(), tokens)
-
-
-def perturb(model, seed=0):
-    """Stand-in for training: move every trainable factor a little."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def test_the_cli_and_the_library_both_see_the_conversions():

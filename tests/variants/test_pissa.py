@@ -13,7 +13,7 @@ from lorakit.errors import ConfigError, IncompatibleAdapterError
 from lorakit.rows import MixedBatchError
 from lorakit.state import lora_layers
 
-from ..conftest import load
+from ..conftest import load, perturb
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 ATOL = 1e-5
@@ -33,15 +33,6 @@ def _ours(llama_dir, init, r=4, alpha=8, rslora=False):
     return model
 
 
-def _perturb(model, seed=0):
-    """Stand-in for training: move every trainable A and B a little (the same way in both libraries)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_factors_and_residual_equal_peft(llama_dir, tokens, init):
     ours, theirs = _ours(llama_dir, init), _peft(llama_dir, init)
@@ -56,7 +47,7 @@ def test_factors_and_residual_equal_peft(llama_dir, tokens, init):
     with torch.no_grad():
         start = ours(tokens).logits
         torch.testing.assert_close(start, base(tokens).logits, atol=ATOL, rtol=0)  # starts as the base
-        _perturb(ours), _perturb(theirs)
+        perturb(ours), perturb(theirs)
         torch.testing.assert_close(ours(tokens).logits, theirs(tokens).logits, atol=ATOL, rtol=0)
 
 
@@ -92,7 +83,7 @@ def test_saved_adapter_is_plain_lora_for_the_untouched_base(llama_dir, tmp_path,
     from peft import PeftModel
 
     model = _ours(llama_dir, init, rslora=rslora)
-    _perturb(model)
+    perturb(model)
     with torch.no_grad():
         trained = model(tokens).logits
     path = lorakit.save_adapter(model, tmp_path / "a")
@@ -110,7 +101,7 @@ def test_saved_adapter_is_plain_lora_for_the_untouched_base(llama_dir, tmp_path,
 def test_peft_residual_form_file_loads(llama_dir, tmp_path, tokens):
     """PEFT saves PiSSA as is (init_lora_weights="pissa"); loading re-initialises from the same base."""
     theirs = _peft(llama_dir, "pissa")
-    _perturb(theirs)
+    perturb(theirs)
     theirs.save_pretrained(tmp_path / "p")
     ours = load(llama_dir)
     lorakit.load_adapter(ours, tmp_path / "p")
@@ -120,7 +111,7 @@ def test_peft_residual_form_file_loads(llama_dir, tmp_path, tokens):
 
 def test_residual_form_round_trip(llama_dir, tmp_path, tokens):
     model = _ours(llama_dir, "olora")
-    _perturb(model)
+    perturb(model)
     lorakit.save_adapter(model, tmp_path / "r", residual_form=True)
     assert json.loads((tmp_path / "r" / "adapter_config.json").read_text())["init_lora_weights"] == "olora"
     again = load(llama_dir)
@@ -132,7 +123,7 @@ def test_residual_form_round_trip(llama_dir, tmp_path, tokens):
 def test_the_base_is_whole_when_the_adapter_is_not_running(llama_dir, tokens):
     base = load(llama_dir)
     model = _ours(llama_dir, "pissa")
-    _perturb(model)
+    perturb(model)
     lorakit.inject(model, LoraConfig(r=2, target_modules=["q_proj"]), adapter="plain", activate=False)
     with torch.no_grad():
         expected = base(tokens).logits
@@ -150,7 +141,7 @@ def test_the_base_is_whole_when_the_adapter_is_not_running(llama_dir, tokens):
 def test_unload_gives_back_the_base(llama_dir, tokens):
     base = load(llama_dir)
     model = _ours(llama_dir, "olora")
-    _perturb(model)
+    perturb(model)
     plain = lorakit.unload(model)
     with torch.no_grad():
         torch.testing.assert_close(plain(tokens).logits, base(tokens).logits, atol=ATOL, rtol=0)
@@ -159,7 +150,7 @@ def test_unload_gives_back_the_base(llama_dir, tokens):
 def test_weighted_mix_is_relative_to_the_untouched_base(llama_dir, tokens):
     base = load(llama_dir)
     model = _ours(llama_dir, "pissa")
-    _perturb(model)
+    perturb(model)
     with torch.no_grad():
         full = model(tokens).logits
         lorakit.set_active(model, {"default": 0.5})
@@ -178,7 +169,7 @@ def test_weighted_mix_is_relative_to_the_untouched_base(llama_dir, tokens):
 
 def test_merge_unmerge_exact(llama_dir, tokens):
     model = _ours(llama_dir, "pissa")
-    _perturb(model)
+    perturb(model)
     residual = {n: layer.base_layer.weight.clone() for n, layer in lora_layers(model)}
     with torch.no_grad():
         unmerged = model(tokens).logits
